@@ -1,0 +1,1 @@
+"""deepseek_jax: DeepSeek-V3 in JAX/Flax."""

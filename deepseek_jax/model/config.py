@@ -1,0 +1,207 @@
+"""The model configuration: Hugging Face DeepSeek-V3 key names, validated once into a frozen dataclass.
+
+`config.model` in every `configs/*.py` is an `ml_collections.ConfigDict` whose keys are those of a
+DeepSeek-V3 checkpoint's `config.json`; `ModelConfig.from_dict` checks it and freezes it. Modules receive
+the frozen `ModelConfig` and use `.replace(...)` for variants (a different MoE dispatch, say).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from flax.core import FrozenDict
+
+SCORING_FUNCS = ("sigmoid", "softmax")
+TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+MOE_DISPATCHES = ("dense", "ragged")
+DTYPES = ("float32", "bfloat16", "float16")
+ROPE_TYPES = ("yarn",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """DeepSeek-V3-family architecture (HF key names) plus how we compute it.
+
+    Attributes past `num_nextn_predict_layers` are ours, not Hugging Face's.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # FFN width of the dense layers (the first `first_k_dense_replace`).
+    moe_intermediate_size: int  # FFN width of one routed (or shared) expert.
+    num_hidden_layers: int
+    num_attention_heads: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    n_group: int
+    topk_group: int
+    topk_method: str
+    scoring_func: str
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    first_k_dense_replace: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_theta: float
+    rope_scaling: Mapping[str, Any] | None
+    max_position_embeddings: int
+    rms_norm_eps: float
+    num_nextn_predict_layers: int
+    # --- ours ---
+    dtype: str = "float32"  # Compute dtype; params are always float32.
+    moe_dispatch: str = "ragged"  # 'dense' (reference) or 'ragged' (sort + ragged_dot).
+    remat: str = "none"  # Backward recomputation policy, see model/remat.py.
+
+    def __post_init__(self) -> None:
+        # Flax hashes module attributes (the config is one), so the YaRN dict is frozen here.
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, FrozenDict):
+            object.__setattr__(self, "rope_scaling", FrozenDict(self.rope_scaling))
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.first_k_dense_replace if self.n_routed_experts else self.num_hidden_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.num_dense_layers
+
+    @property
+    def mtp_uses_moe(self) -> bool:
+        """MTP blocks sit after the last decoder layer, so they are MoE whenever the model has experts."""
+        return self.n_routed_experts > 0
+
+    @property
+    def uses_correction_bias(self) -> bool:
+        """Only the auxiliary-loss-free method (`noaux_tc`) has a selection bias per expert."""
+        return self.topk_method == "noaux_tc"
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return validate(dataclasses.replace(self, **changes))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Builds and validates from a ConfigDict / dict with HF key names (unknown keys are an error)."""
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(
+                f"config.model has unknown keys {unknown}; supported keys are {sorted(names)}.")
+        missing = sorted(
+            f.name for f in dataclasses.fields(cls)
+            if f.name not in d and f.default is dataclasses.MISSING)
+        if missing:
+            raise ValueError(f"config.model is missing required keys {missing}.")
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = dict(d["rope_scaling"])  # ConfigDict -> plain, frozen in __post_init__.
+        return validate(cls(**d))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = dict(self.rope_scaling)
+        return d
+
+
+def _fail(field: str, problem: str, fix: str) -> None:
+    raise ValueError(f"config.model.{field}: {problem}. Fix: {fix}.")
+
+
+def _check_positive(cfg: ModelConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            _fail(name, f"must be a positive integer, got {value!r}", f"set {name} to an integer >= 1")
+
+
+def _validate_rope_scaling(cfg: ModelConfig) -> None:
+    rs = cfg.rope_scaling
+    if rs is None:
+        return
+    kind = rs.get("type", rs.get("rope_type"))
+    if kind not in ROPE_TYPES:
+        _fail("rope_scaling.type", f"{kind!r} is not supported", f"use one of {ROPE_TYPES} or None")
+    for key in ("factor", "original_max_position_embeddings"):
+        if key not in rs:
+            _fail(f"rope_scaling.{key}", "is required for YaRN", f"add rope_scaling.{key}")
+    if rs["factor"] < 1:
+        _fail("rope_scaling.factor", f"must be >= 1, got {rs['factor']}", "use a context-extension factor >= 1")
+    allowed = {"type", "rope_type", "factor", "original_max_position_embeddings", "beta_fast",
+               "beta_slow", "mscale", "mscale_all_dim"}
+    extra = sorted(set(rs) - allowed)
+    if extra:
+        _fail("rope_scaling", f"unknown keys {extra}", f"keep only {sorted(allowed)}")
+
+
+def _validate_routing(cfg: ModelConfig) -> None:
+    if cfg.n_routed_experts == 0:
+        return
+    _check_positive(cfg, "n_group", "topk_group", "num_experts_per_tok", "moe_intermediate_size")
+    if cfg.n_routed_experts % cfg.n_group:
+        _fail("n_group", f"{cfg.n_routed_experts} routed experts do not split into {cfg.n_group} equal groups",
+              "choose n_group dividing n_routed_experts")
+    if cfg.topk_group > cfg.n_group:
+        _fail("topk_group", f"{cfg.topk_group} groups kept out of only n_group={cfg.n_group}",
+              "set topk_group <= n_group")
+    if cfg.uses_correction_bias and cfg.topk_group < cfg.n_group and cfg.n_routed_experts // cfg.n_group < 2:
+        _fail("n_group", "noaux_tc scores a group by its top-2 experts but groups hold only one",
+              "use n_group <= n_routed_experts / 2")
+    reachable = cfg.topk_group * (cfg.n_routed_experts // cfg.n_group)
+    if cfg.num_experts_per_tok > reachable:
+        _fail("num_experts_per_tok",
+              f"{cfg.num_experts_per_tok} experts per token but the {cfg.topk_group} kept groups hold only "
+              f"{reachable}", "lower num_experts_per_tok or raise topk_group")
+    if cfg.scoring_func not in SCORING_FUNCS:
+        _fail("scoring_func", f"{cfg.scoring_func!r} is not supported", f"use one of {SCORING_FUNCS}")
+    if cfg.topk_method not in TOPK_METHODS:
+        _fail("topk_method", f"{cfg.topk_method!r} is not supported", f"use one of {TOPK_METHODS}")
+    if cfg.topk_method == "greedy" and cfg.topk_group != cfg.n_group:
+        _fail("topk_group", "topk_method='greedy' ignores groups but topk_group < n_group",
+              "set topk_group = n_group, or use 'group_limited_greedy' / 'noaux_tc'")
+    if not cfg.routed_scaling_factor > 0:
+        _fail("routed_scaling_factor", f"must be > 0, got {cfg.routed_scaling_factor}", "use e.g. 1.0 or 2.5")
+    if cfg.moe_dispatch not in MOE_DISPATCHES:
+        _fail("moe_dispatch", f"{cfg.moe_dispatch!r} is not a dispatch strategy", f"use one of {MOE_DISPATCHES}")
+
+
+def validate(cfg: ModelConfig) -> ModelConfig:
+    """Raises ValueError naming the field (and the fix) for any impossible combination."""
+    _check_positive(cfg, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                    "max_position_embeddings", "intermediate_size")
+    if cfg.q_lora_rank is not None:
+        _check_positive(cfg, "q_lora_rank")
+    if cfg.qk_rope_head_dim % 2:
+        _fail("qk_rope_head_dim", f"RoPE rotates pairs of channels, got the odd width {cfg.qk_rope_head_dim}",
+              "use an even qk_rope_head_dim")
+    if cfg.n_routed_experts < 0 or cfg.n_shared_experts < 0:
+        _fail("n_routed_experts", "expert counts must be >= 0", "use 0 for a dense model")
+    if not 0 <= cfg.first_k_dense_replace <= cfg.num_hidden_layers:
+        _fail("first_k_dense_replace", f"{cfg.first_k_dense_replace} is outside [0, num_hidden_layers="
+              f"{cfg.num_hidden_layers}]", "use at most num_hidden_layers dense layers")
+    if cfg.num_nextn_predict_layers < 0:
+        _fail("num_nextn_predict_layers", "MTP depth must be >= 0", "use 0 to disable MTP")
+    if not (cfg.rms_norm_eps > 0 and math.isfinite(cfg.rms_norm_eps)):
+        _fail("rms_norm_eps", f"must be a small positive number, got {cfg.rms_norm_eps}", "use 1e-6")
+    if cfg.rope_theta <= 0:
+        _fail("rope_theta", f"must be > 0, got {cfg.rope_theta}", "use 10000")
+    if cfg.dtype not in DTYPES:
+        _fail("dtype", f"{cfg.dtype!r} is not a compute dtype", f"use one of {DTYPES}")
+    _validate_rope_scaling(cfg)
+    _validate_routing(cfg)
+    from deepseek_jax.model import remat  # Local: remat imports jax, keep config import-light.
+
+    if cfg.remat not in remat.POLICIES:
+        _fail("remat", f"{cfg.remat!r} is not a policy", f"use one of {sorted(remat.POLICIES)}")
+    return cfg

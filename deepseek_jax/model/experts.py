@@ -1,0 +1,81 @@
+"""Routed experts and their dispatch strategies.
+
+Legend: N tokens, D model, F expert FFN width (moe_intermediate_size), E experts, K experts per token,
+M = N*K routed (token, expert) pairs.
+
+Every strategy computes y_n = sum_k w_{n,k} * SwiGLU_{e_{n,k}}(x_n) exactly (no capacity, no drops):
+- `dense`: every expert on every token, then a weighted combine. O(N*E) work; the reference.
+- `ragged`: sort the M pairs by expert, run each expert on its contiguous rows with
+  `jax.lax.ragged_dot` (a grouped GEMM), scatter back. O(N*K) work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.model.layers import compute_dtype
+
+ExpertWeights = tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]  # gate [E,D,F], up [E,D,F], down [E,F,D]
+
+
+def dense_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray,
+                   w: ExpertWeights) -> jnp.ndarray:
+    """Reference: all experts on all tokens. Returns [N, D] in x's dtype."""
+    gate, up, down = w
+    E = gate.shape[0]
+    combine_NE = jnp.einsum("NK,NKE->NE", weights_NK, jax.nn.one_hot(indices_NK, E, dtype=weights_NK.dtype))
+    h_NEF = nn.silu(jnp.einsum("ND,EDF->NEF", x_ND, gate)) * jnp.einsum("ND,EDF->NEF", x_ND, up)
+    out_NED = jnp.einsum("NEF,EFD->NED", h_NEF, down)
+    return jnp.einsum("NE,NED->ND", combine_NE.astype(out_NED.dtype), out_NED).astype(x_ND.dtype)
+
+
+def sort_by_expert(indices_NK: jnp.ndarray, num_experts: int
+                   ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Orders the M = N*K pairs by expert (stable). Returns (order [M], token of each sorted pair [M],
+    group sizes [E] int32)."""
+    flat = indices_NK.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // indices_NK.shape[1]
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return order, token, sizes
+
+
+def ragged_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray,
+                    w: ExpertWeights) -> jnp.ndarray:
+    """Dropless grouped-GEMM dispatch. Returns [N, D] in x's dtype."""
+    gate, up, down = w
+    N, K = indices_NK.shape
+    order, token, sizes = sort_by_expert(indices_NK, gate.shape[0])
+    x_MD = x_ND[token]
+    h_MF = nn.silu(jax.lax.ragged_dot(x_MD, gate, sizes)) * jax.lax.ragged_dot(x_MD, up, sizes)
+    out_MD = jax.lax.ragged_dot(h_MF, down, sizes)
+    unsorted = jnp.zeros_like(out_MD).at[order].set(out_MD).reshape(N, K, -1)
+    return jnp.einsum("NK,NKD->ND", weights_NK.astype(unsorted.dtype), unsorted).astype(x_ND.dtype)
+
+
+DISPATCH: dict[str, Callable[..., jnp.ndarray]] = {"dense": dense_dispatch, "ragged": ragged_dispatch}
+
+
+class RoutedExperts(nn.Module):
+    """The E routed SwiGLU experts as stacked kernels; x [N, D] -> [N, D]."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.cfg
+        E, D, F = cfg.n_routed_experts, x_ND.shape[-1], cfg.moe_intermediate_size
+        init = nn.initializers.normal(0.02)
+        param = lambda name, shape, axes: self.param(  # noqa: E731
+            name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+        gate = param("gate_proj", (E, D, F), ("expert", "embed", "mlp"))
+        up = param("up_proj", (E, D, F), ("expert", "embed", "mlp"))
+        down = param("down_proj", (E, F, D), ("expert", "mlp", "embed"))
+        dtype = compute_dtype(cfg)
+        w = (gate.astype(dtype), up.astype(dtype), down.astype(dtype))
+        return DISPATCH[cfg.moe_dispatch](x_ND.astype(dtype), weights_NK, indices_NK, w)

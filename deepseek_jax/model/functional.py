@@ -1,0 +1,58 @@
+"""Pure-function entry points to the model: init, forward, logical axis specs.
+
+Variables are the plain pytree `{'params': ..., 'routing': ...}` (routing holds the loss-free balancing
+biases; it is empty for models without them). Parameters are unboxed: the logical axis names live in
+the module definitions and are read back with `logical_axes`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.model.layers import Matmul
+from deepseek_jax.model.transformer import DeepSeekV3, ModelOutput
+
+Variables = dict
+
+
+def _dummy_tokens(batch: int = 1, length: int = 2) -> jnp.ndarray:
+    return jnp.zeros((batch, length), jnp.int32)
+
+
+def _boxed_init(cfg: ModelConfig, key: jax.Array) -> Variables:
+    variables = DeepSeekV3(cfg).init(key, _dummy_tokens())
+    return {"params": variables["params"], "routing": variables.get("routing", {})}
+
+
+def init(cfg: ModelConfig, key: jax.Array) -> Variables:
+    """Fresh variables (float32 params, zero routing biases), initialised under jit."""
+    return jax.jit(lambda k: nn.meta.unbox(_boxed_init(cfg, k)))(key)
+
+
+def abstract_variables(cfg: ModelConfig) -> Variables:
+    """Shapes and dtypes of the variables (jax.ShapeDtypeStruct leaves) without allocating anything."""
+    return nn.meta.unbox(jax.eval_shape(lambda: _boxed_init(cfg, jax.random.key(0))))
+
+
+def logical_axes(cfg: ModelConfig) -> Variables:
+    """The variables' logical axis names, as a pytree of PartitionSpec with logical names."""
+    return nn.get_partition_spec(jax.eval_shape(lambda: _boxed_init(cfg, jax.random.key(0))))
+
+
+def apply(cfg: ModelConfig, variables: Variables, tokens_BT: jnp.ndarray,
+          positions_BT: jnp.ndarray | None = None, segment_ids_BT: jnp.ndarray | None = None,
+          matmul: Matmul | None = None, run_mtp: bool = True) -> ModelOutput:
+    """Full output: main logits, MTP logits and router statistics (see transformer.ModelOutput)."""
+    return DeepSeekV3(cfg, matmul=matmul).apply(variables, tokens_BT, positions_BT, segment_ids_BT, run_mtp)
+
+
+def forward(model_config: ModelConfig, params: Variables, tokens: jnp.ndarray) -> jnp.ndarray:
+    """Next-token logits, float32 [B, T, V], of int32 tokens [B, T].
+
+    `params` are the model's variables as returned by `init` (or a checkpoint import): the dict
+    {'params': ..., 'routing': ...}. Position i's logits predict token i+1. The MTP modules are not run.
+    """
+    return apply(model_config, params, tokens, run_mtp=False).logits

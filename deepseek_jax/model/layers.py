@@ -1,0 +1,88 @@
+"""Building blocks shared by every module: RMSNorm, Linear, the SwiGLU MLP.
+
+Legend: D input features, F output features (or FFN width).
+
+Params are float32 and carry logical axis names (mapped to mesh axes by `parallel/mesh.py`); compute
+runs in `ModelConfig.dtype`. `Linear` is the one place a matmul with a weight happens, so the FP8
+recipe (ops/fp8.py) is injected there and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from deepseek_jax.model import remat
+from deepseek_jax.model.config import ModelConfig
+
+# A matmul x [..., D] @ w [D, F] -> [..., F]; the FP8 recipe provides one with the same signature.
+Matmul = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    return jnp.dtype(cfg.dtype)
+
+
+def default_matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    return jnp.matmul(x, w.astype(x.dtype))
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32. x [..., D] -> [..., D]."""
+
+    eps: float
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                           (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        scale = scale.reshape((1,) * (x.ndim - 1) + scale.shape)
+        return checkpoint_name((normed * scale).astype(x.dtype), remat.RMSNORM)
+
+
+class Linear(nn.Module):
+    """x [..., D] @ kernel [D, F] (no bias). `axes` names the kernel's two dims.
+
+    `high_precision=True` marks the layers DeepSeek-V3 keeps out of FP8 (output head, router); they
+    always use the plain matmul in the compute dtype (the router additionally runs in float32 itself).
+    """
+
+    features: int
+    axes: tuple[str | None, str | None]
+    dtype: jnp.dtype = jnp.float32
+    high_precision: bool = False
+    matmul: Matmul | None = None  # Injected FP8 recipe; None = plain matmul.
+    kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                            (x.shape[-1], self.features), jnp.float32)
+        x = x.astype(self.dtype)
+        if self.matmul is not None and not self.high_precision:
+            return self.matmul(x, kernel.astype(self.dtype)).astype(self.dtype)
+        return default_matmul(x, kernel)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). x [..., D] -> [..., D]."""
+
+    cfg: ModelConfig
+    intermediate_size: int
+    matmul: Matmul | None = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        dtype = compute_dtype(self.cfg)
+        hidden, width = x.shape[-1], self.intermediate_size
+        gate = Linear(width, ("embed", "mlp"), dtype, matmul=self.matmul, name="gate_proj")(x)
+        up = Linear(width, ("embed", "mlp"), dtype, matmul=self.matmul, name="up_proj")(x)
+        return Linear(hidden, ("mlp", "embed"), dtype, matmul=self.matmul, name="down_proj")(
+            nn.silu(gate) * up)

@@ -1,0 +1,115 @@
+"""Multi-head Latent Attention (DeepSeek-V2 section 2.1, DeepSeek-V3 section 2.1.1).
+
+Legend: B batch, T query time, S key time, D model, H heads, K nope head dim (qk_nope_head_dim),
+R rope head dim (qk_rope_head_dim), V value head dim, C kv latent (kv_lora_rank), Q q latent (q_lora_rank).
+
+    c_Q  = RMSNorm(x W_DQ)                       [B,T,Q]      (or no latent when q_lora_rank is None)
+    q    = c_Q W_UQ  -> (q_nope [B,T,H,K], q_rope [B,T,H,R]);  q_rope = RoPE(q_rope)
+    c_KV, k_rope = x W_DKV                        [B,T,C], [B,T,R];  k_rope = RoPE(k_rope), one per token
+    k_nope, v = RMSNorm(c_KV) W_UKV              [B,T,H,K], [B,T,H,V]
+    o    = softmax((q_nope.k_nope + q_rope.k_rope) * scale + mask) v  W_O
+
+A KV cache needs only RMSNorm(c_KV) and the rotated k_rope per token (infer/ builds on `latent_kv`).
+Parameter names are those of the Hugging Face checkpoints, kernels stored [in, out].
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from deepseek_jax.model import remat, rope
+from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.model.layers import Linear, Matmul, RMSNorm, compute_dtype
+
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+def attention_mask(segment_ids_BT: jnp.ndarray, segment_ids_BS: jnp.ndarray | None = None,
+                   query_positions_BT: jnp.ndarray | None = None,
+                   key_positions_BS: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Boolean [B, 1, T, S]: causal, same document, and no padding (segment id 0) on either side.
+
+    Without explicit positions, query t and key s are taken as sequence indices (self-attention).
+    """
+    if segment_ids_BS is None:
+        segment_ids_BS = segment_ids_BT
+    T, S = segment_ids_BT.shape[1], segment_ids_BS.shape[1]
+    q_pos = jnp.arange(T)[None, :] if query_positions_BT is None else query_positions_BT
+    k_pos = jnp.arange(S)[None, :] if key_positions_BS is None else key_positions_BS
+    causal = k_pos[:, None, :] <= q_pos[:, :, None]
+    same_doc = segment_ids_BS[:, None, :] == segment_ids_BT[:, :, None]
+    valid = (segment_ids_BT[:, :, None] != 0) & (segment_ids_BS[:, None, :] != 0)
+    return (causal & same_doc & valid)[:, None, :, :]
+
+
+class MLA(nn.Module):
+    """x [B, T, D] -> [B, T, D]."""
+
+    cfg: ModelConfig
+    matmul: Matmul | None = None
+
+    def setup(self) -> None:
+        cfg, dtype, mm = self.cfg, compute_dtype(self.cfg), self.matmul
+        H = cfg.num_attention_heads
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(H * cfg.qk_head_dim, ("embed", "heads"), dtype, matmul=mm)
+        else:
+            self.q_a_proj = Linear(cfg.q_lora_rank, ("embed", "q_lora"), dtype, matmul=mm)
+            self.q_a_layernorm = RMSNorm(cfg.rms_norm_eps, "q_lora")
+            self.q_b_proj = Linear(H * cfg.qk_head_dim, ("q_lora", "heads"), dtype, matmul=mm)
+        self.kv_a_proj_with_mqa = Linear(cfg.kv_lora_rank + cfg.qk_rope_head_dim, ("embed", "kv_lora"),
+                                         dtype, matmul=mm)
+        self.kv_a_layernorm = RMSNorm(cfg.rms_norm_eps, "kv_lora")
+        self.kv_b_proj = Linear(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads"), dtype,
+                                matmul=mm)
+        self.o_proj = Linear(cfg.hidden_size, ("heads", "embed"), dtype, matmul=mm)
+
+    def queries(self, x_BTD: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray
+                ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """q_nope [B,T,H,K] and rotated q_rope [B,T,H,R]."""
+        cfg = self.cfg
+        if cfg.q_lora_rank is None:
+            q = self.q_proj(x_BTD)
+        else:
+            q = checkpoint_name(self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD))), remat.MLA_UP_PROJ)
+        q_BTHK = q.reshape(*x_BTD.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)
+        q_nope, q_rope = q_BTHK[..., :cfg.qk_nope_head_dim], q_BTHK[..., cfg.qk_nope_head_dim:]
+        return q_nope, rope.apply_rotary(q_rope, cos, sin)
+
+    def latent_kv(self, x_BTD: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray
+                  ) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """What a KV cache stores: normalised latent c_KV [B,T,C] and rotated shared k_rope [B,T,R]."""
+        cfg = self.cfg
+        kv = self.kv_a_proj_with_mqa(x_BTD)
+        c_kv, k_rope = kv[..., :cfg.kv_lora_rank], kv[..., cfg.kv_lora_rank:]
+        k_rope = rope.apply_rotary(k_rope[:, :, None, :], cos, sin)[:, :, 0, :]
+        return self.kv_a_layernorm(c_kv), k_rope
+
+    def up_project(self, c_kv_BSC: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Per-head k_nope [B,S,H,K] and v [B,S,H,V] from the latent."""
+        cfg = self.cfg
+        kv = checkpoint_name(self.kv_b_proj(c_kv_BSC), remat.MLA_UP_PROJ)
+        kv = kv.reshape(*c_kv_BSC.shape[:2], cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        return kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
+
+    def attend(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BSC: jnp.ndarray,
+               k_rope_BSR: jnp.ndarray, mask_B1TS: jnp.ndarray) -> jnp.ndarray:
+        """Naive MLA attention over a latent sequence (up-projected per head); returns [B,T,D]."""
+        cfg = self.cfg
+        k_nope, v = self.up_project(c_kv_BSC)
+        scores = (jnp.einsum("BTHK,BSHK->BHTS", q_nope, k_nope, preferred_element_type=jnp.float32)
+                  + jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope_BSR, preferred_element_type=jnp.float32))
+        scores = scores * rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
+        probs = nn.softmax(jnp.where(mask_B1TS, scores, NEG_INF), axis=-1).astype(v.dtype)
+        out_BTHV = jnp.einsum("BHTS,BSHV->BTHV", probs, v)
+        return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
+
+    def __call__(self, x_BTD: jnp.ndarray, positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray
+                 ) -> jnp.ndarray:
+        cfg = self.cfg
+        cos, sin = rope.cos_sin(positions_BT, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        q_nope, q_rope = self.queries(x_BTD, cos, sin)
+        c_kv, k_rope = self.latent_kv(x_BTD, cos, sin)
+        return self.attend(q_nope, q_rope, c_kv, k_rope, attention_mask(segment_ids_BT))

@@ -40,10 +40,51 @@ def parse_variant(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict
 
 def base_config() -> ml_collections.ConfigDict:
     """All groups with their defaults; `model` is left for the config file to fill."""
+    from deepseek_jax.data.config import default_data_config
+
     config = ml_collections.ConfigDict()
-    config.seed = 0  # Every random choice of the run derives from this seed.
+    config.seed = 0  # Every random choice of the run (init, sampling) derives from this seed.
     config.model = ml_collections.ConfigDict()  # HF DeepSeek-V3 keys, see deepseek_jax/model/config.py.
+    config.data = default_data_config()  # Documented key by key in deepseek_jax/data/config.py.
+    config.train = train_config()
+    config.checkpoint = checkpoint_config()
     return config
+
+
+def train_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.steps = 1000  # Optimizer steps of the run.
+    c.learning_rate = 3e-3  # Peak learning rate.
+    c.warmup_steps = 50  # Linear warmup from 0.
+    c.decay_start = 0.6  # Fraction of `steps` after which the cosine decay starts (constant before).
+    c.final_lr_fraction = 0.1  # The cosine ends at this fraction of the peak.
+    c.b1 = 0.9  # AdamW beta1 (V3: 0.9).
+    c.b2 = 0.95  # AdamW beta2 (V3: 0.95).
+    c.eps = 1e-8
+    c.weight_decay = 0.1  # On matrices only, never norms or biases (V3: 0.1).
+    c.clip_norm = 1.0  # Global gradient-norm clipping (V3: 1.0).
+    c.moment_dtype = ""  # Adam moments' dtype: '' = float32 like the params, or 'bfloat16' as in V3.
+    c.mtp_lambda = 0.3  # MTP loss weight early in training (V3: 0.3) ...
+    c.mtp_lambda_late = 0.1  # ... and late (V3: 0.1) ...
+    c.mtp_lambda_switch = 0.7  # ... switching at this fraction of `steps` (V3: 10T of 14.8T tokens).
+    c.balance_alpha = 1e-4  # Sequence-wise balance loss weight (V3: 1e-4); 0 disables it.
+    c.bias_update_speed = 1e-3  # Loss-free balancing gamma (V3: 1e-3); 0 disables the bias update.
+    c.ema_decay = 0.999  # Host-memory EMA of the params; 0 disables it.
+    c.max_bad_steps = 5  # Stop after this many consecutive steps with a NaN/Inf loss or gradient.
+    c.log_every = 10  # Steps between metric rows (CSV, TensorBoard).
+    c.eval_every = 100  # Steps between validation passes (also at step 0 and at the end).
+    c.eval_batches = 16  # Validation batches per pass (0 = the whole validation split).
+    c.sample_prompt = "def fibonacci(n):"  # Text continued greedily at the end of training.
+    c.sample_tokens = 96  # Tokens generated for that sample (0 = no sample).
+    return c
+
+
+def checkpoint_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.every = 200  # Steps between checkpoints (and one at the end, and on SIGTERM).
+    c.keep = 3  # Checkpoints kept (oldest deleted first).
+    c.async_save = True  # Write in the background while training continues.
+    return c
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -21,3 +21,23 @@ def model_config(name: str = "tiny", **overrides) -> ModelConfig:
 
 def to_f64(tree):
     return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def micro_run_config(tmp_path, **train_overrides):
+    """A run config small enough to train a few steps in seconds, on a corpus written to tmp_path."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for i in range(24):  # Deterministic, varied text: 24 small documents.
+        (corpus / f"doc{i:02d}.txt").write_text(
+            "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(12)))
+    c = config("tiny", "mtp=1")
+    c.model.update(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+                   num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                   qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=4, n_group=2, topk_group=1,
+                   num_experts_per_tok=2, max_position_embeddings=64)
+    c.data.update(source="files", path=str(corpus), seq_len=32, batch_size=4, validation_fraction=0.2,
+                  prefetch=0)
+    c.train.update(steps=6, warmup_steps=2, eval_every=3, eval_batches=2, log_every=1, sample_tokens=0)
+    c.train.update(**train_overrides)
+    c.checkpoint.update(every=3, keep=5, async_save=False)
+    return c

@@ -16,7 +16,9 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from deepseek_jax.model import remat
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.layers import compute_dtype
 
@@ -29,8 +31,9 @@ def dense_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.n
     gate, up, down = w
     E = gate.shape[0]
     combine_NE = jnp.einsum("NK,NKE->NE", weights_NK, jax.nn.one_hot(indices_NK, E, dtype=weights_NK.dtype))
-    h_NEF = nn.silu(jnp.einsum("ND,EDF->NEF", x_ND, gate)) * jnp.einsum("ND,EDF->NEF", x_ND, up)
-    out_NED = jnp.einsum("NEF,EFD->NED", h_NEF, down)
+    gate_NEF = checkpoint_name(jnp.einsum("ND,EDF->NEF", x_ND, gate), remat.EXPERTS)
+    up_NEF = checkpoint_name(jnp.einsum("ND,EDF->NEF", x_ND, up), remat.EXPERTS)
+    out_NED = checkpoint_name(jnp.einsum("NEF,EFD->NED", nn.silu(gate_NEF) * up_NEF, down), remat.EXPERTS)
     return jnp.einsum("NE,NED->ND", combine_NE.astype(out_NED.dtype), out_NED).astype(x_ND.dtype)
 
 
@@ -52,8 +55,9 @@ def ragged_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.
     N, K = indices_NK.shape
     order, token, sizes = sort_by_expert(indices_NK, gate.shape[0])
     x_MD = x_ND[token]
-    h_MF = nn.silu(jax.lax.ragged_dot(x_MD, gate, sizes)) * jax.lax.ragged_dot(x_MD, up, sizes)
-    out_MD = jax.lax.ragged_dot(h_MF, down, sizes)
+    gate_MF = checkpoint_name(jax.lax.ragged_dot(x_MD, gate, sizes), remat.EXPERTS)
+    up_MF = checkpoint_name(jax.lax.ragged_dot(x_MD, up, sizes), remat.EXPERTS)
+    out_MD = checkpoint_name(jax.lax.ragged_dot(nn.silu(gate_MF) * up_MF, down, sizes), remat.EXPERTS)
     unsorted = jnp.zeros_like(out_MD).at[order].set(out_MD).reshape(N, K, -1)
     return jnp.einsum("NK,NKD->ND", weights_NK.astype(unsorted.dtype), unsorted).astype(x_ND.dtype)
 

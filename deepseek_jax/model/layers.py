@@ -60,6 +60,7 @@ class Linear(nn.Module):
     high_precision: bool = False
     matmul: Matmul | None = None  # Injected FP8 recipe; None = plain matmul.
     kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+    checkpoint_as: str = remat.LINEAR  # Name of the output for the recomputation policy.
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -67,8 +68,10 @@ class Linear(nn.Module):
                             (x.shape[-1], self.features), jnp.float32)
         x = x.astype(self.dtype)
         if self.matmul is not None and not self.high_precision:
-            return self.matmul(x, kernel.astype(self.dtype)).astype(self.dtype)
-        return default_matmul(x, kernel)
+            y = self.matmul(x, kernel.astype(self.dtype)).astype(self.dtype)
+        else:
+            y = default_matmul(x, kernel)
+        return checkpoint_name(y, self.checkpoint_as)
 
 
 class MLP(nn.Module):

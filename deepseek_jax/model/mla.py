@@ -58,12 +58,13 @@ class MLA(nn.Module):
         else:
             self.q_a_proj = Linear(cfg.q_lora_rank, ("embed", "q_lora"), dtype, matmul=mm)
             self.q_a_layernorm = RMSNorm(cfg.rms_norm_eps, "q_lora")
-            self.q_b_proj = Linear(H * cfg.qk_head_dim, ("q_lora", "heads"), dtype, matmul=mm)
+            self.q_b_proj = Linear(H * cfg.qk_head_dim, ("q_lora", "heads"), dtype, matmul=mm,
+                                   checkpoint_as=remat.MLA_UP_PROJ)
         self.kv_a_proj_with_mqa = Linear(cfg.kv_lora_rank + cfg.qk_rope_head_dim, ("embed", "kv_lora"),
                                          dtype, matmul=mm)
         self.kv_a_layernorm = RMSNorm(cfg.rms_norm_eps, "kv_lora")
         self.kv_b_proj = Linear(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads"), dtype,
-                                matmul=mm)
+                                matmul=mm, checkpoint_as=remat.MLA_UP_PROJ)
         self.o_proj = Linear(cfg.hidden_size, ("heads", "embed"), dtype, matmul=mm)
 
     def queries(self, x_BTD: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray
@@ -73,7 +74,7 @@ class MLA(nn.Module):
         if cfg.q_lora_rank is None:
             q = self.q_proj(x_BTD)
         else:
-            q = checkpoint_name(self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD))), remat.MLA_UP_PROJ)
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
         q_BTHK = q.reshape(*x_BTD.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)
         q_nope, q_rope = q_BTHK[..., :cfg.qk_nope_head_dim], q_BTHK[..., cfg.qk_nope_head_dim:]
         return q_nope, rope.apply_rotary(q_rope, cos, sin)
@@ -90,7 +91,7 @@ class MLA(nn.Module):
     def up_project(self, c_kv_BSC: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Per-head k_nope [B,S,H,K] and v [B,S,H,V] from the latent."""
         cfg = self.cfg
-        kv = checkpoint_name(self.kv_b_proj(c_kv_BSC), remat.MLA_UP_PROJ)
+        kv = self.kv_b_proj(c_kv_BSC)
         kv = kv.reshape(*c_kv_BSC.shape[:2], cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
         return kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
 
@@ -103,7 +104,30 @@ class MLA(nn.Module):
                   + jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope_BSR, preferred_element_type=jnp.float32))
         scores = scores * rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
         probs = nn.softmax(jnp.where(mask_B1TS, scores, NEG_INF), axis=-1).astype(v.dtype)
-        out_BTHV = jnp.einsum("BHTS,BSHV->BTHV", probs, v)
+        out_BTHV = checkpoint_name(jnp.einsum("BHTS,BSHV->BTHV", probs, v), remat.ATTENTION)
+        return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
+
+    def attend_absorbed(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BSC: jnp.ndarray,
+                        k_rope_BSR: jnp.ndarray, mask_B1TS: jnp.ndarray) -> jnp.ndarray:
+        """`attend` with kv_b_proj absorbed (DeepSeek's inference form); returns [B,T,D].
+
+        W_UK (kv_b_proj's key half) is folded into the query and W_UV applied to the attended latent, so
+        nothing per head is materialised over the S keys:
+            scores = (q_nope W_UK^T) . c_KV + q_rope . k_rope,   out = (softmax(scores) c_KV) W_UV W_O.
+        Equal to `attend` up to rounding; the weight matmuls here are plain (no FP8 recipe).
+        """
+        cfg = self.cfg
+        H, K = cfg.num_attention_heads, cfg.qk_nope_head_dim
+        w_CHX = self.kv_b_proj.variables["params"]["kernel"].astype(q_nope.dtype).reshape(
+            cfg.kv_lora_rank, H, K + cfg.v_head_dim)
+        w_uk_CHK, w_uv_CHV = w_CHX[..., :K], w_CHX[..., K:]
+        q_latent_BTHC = jnp.einsum("BTHK,CHK->BTHC", q_nope, w_uk_CHK)
+        scores = (jnp.einsum("BTHC,BSC->BHTS", q_latent_BTHC, c_kv_BSC, preferred_element_type=jnp.float32)
+                  + jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope_BSR, preferred_element_type=jnp.float32))
+        scores = scores * rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
+        probs = nn.softmax(jnp.where(mask_B1TS, scores, NEG_INF), axis=-1).astype(c_kv_BSC.dtype)
+        out_BTHC = jnp.einsum("BHTS,BSC->BTHC", probs, c_kv_BSC)
+        out_BTHV = jnp.einsum("BTHC,CHV->BTHV", out_BTHC, w_uv_CHV)
         return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
 
     def __call__(self, x_BTD: jnp.ndarray, positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray

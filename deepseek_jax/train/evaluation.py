@@ -1,0 +1,64 @@
+"""Validation: bits per byte of the model on the held-out split, for a live state or a checkpoint."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from deepseek_jax.data import pipeline
+from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.train import checkpoint as checkpoint_lib
+from deepseek_jax.train import step as step_lib
+from deepseek_jax.train.optimizer import make_optimizer
+from deepseek_jax.train.validation import validate_run_config
+
+
+def model_inputs(batch: dict) -> dict:
+    """The model's int32 inputs of a data batch (drops bookkeeping such as num_bytes)."""
+    return {k: jnp.asarray(batch[k]) for k in ("tokens", "segment_ids", "positions")}
+
+
+def evaluate(cfg: ModelConfig, variables: dict, data_cfg: ml_collections.ConfigDict, max_batches: int,
+             eval_fn=None, corpus=None) -> dict[str, float]:
+    """{'loss' (nats/token), 'bpb' (bits per byte), 'tokens'} over up to `max_batches` (0 = all).
+
+    Pass `corpus` (pipeline.load_corpus) to avoid re-reading the documents on every evaluation.
+    """
+    eval_fn = eval_fn or jax.jit(functools.partial(step_lib.eval_step, cfg=cfg))
+    nll = tokens = num_bytes = 0.0
+    for i, batch in enumerate(pipeline.make_eval_iterator(data_cfg, corpus=corpus)):
+        if max_batches and i >= max_batches:
+            break
+        out = eval_fn(variables["params"], variables["routing"], model_inputs(batch))
+        nll += float(out["nll"])
+        tokens += float(out["tokens"])
+        num_bytes += float(np.sum(batch["num_bytes"]))
+    if not tokens:
+        raise ValueError("the validation split produced no tokens to score; add validation data.")
+    return {"loss": nll / tokens, "bpb": nll / math.log(2) / max(num_bytes, 1.0), "tokens": tokens}
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, step: int | None = None,
+                        use_ema: bool = False) -> dict:
+    """Validation metrics of a checkpoint in `workdir/checkpoints` (the latest unless `step`)."""
+    cfg = validate_run_config(config)
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise checkpoint_lib.CheckpointError(f"no checkpoint in {ckpt.directory}; train first.")
+    tx = make_optimizer(config.train)
+    state_like = jax.eval_shape(lambda: step_lib.init_state(cfg, tx, jax.random.key(0)))
+    ema_like = state_like.params if use_ema else None
+    restored = ckpt.restore(step, state_like, ema_like=ema_like, model_config=cfg)
+    ckpt.close()
+    state = restored["state"]
+    params = restored["ema"] if use_ema else state.params
+    result = evaluate(cfg, {"params": params, "routing": state.routing}, config.data,
+                      config.train.eval_batches)
+    return {"step": step, "weights": "ema" if use_ema else "params", **result}

@@ -1,0 +1,86 @@
+"""Where metrics go: TensorBoard event files, a CSV with one row per logged step, and a loss plot."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tensorboardX import SummaryWriter  # noqa: E402
+
+
+class MetricWriter:
+    """Scalars to `workdir/tensorboard` and `workdir/metrics.csv`.
+
+    The CSV has one row per write; its header is the union of the names seen so far (a new name
+    rewrites the small file with the wider header). A resumed run keeps the rows already there.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.csv_path = os.path.join(workdir, "metrics.csv")
+        self._rows: list[dict] = []
+        self._columns: list[str] = ["step"]
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard")) if enabled else None
+        if enabled and os.path.exists(self.csv_path):
+            with open(self.csv_path, newline="") as f:
+                reader = csv.DictReader(f)
+                self._columns = list(reader.fieldnames or ["step"])
+                self._rows = list(reader)
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for name, value in scalars.items():
+            self._tb.add_scalar(name, value, step)
+        row = {"step": step, **scalars}
+        self._rows.append(row)
+        new = [name for name in scalars if name not in self._columns]
+        if new:
+            self._columns += sorted(new)
+            with open(self.csv_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, self._columns, restval="")
+                writer.writeheader()
+                writer.writerows(self._rows)
+        else:
+            with open(self.csv_path, "a", newline="") as f:
+                csv.DictWriter(f, self._columns, restval="").writerow(row)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_csv(path: str) -> dict[str, np.ndarray]:
+    """Columns of a metrics.csv as float arrays (empty cells become NaN)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    return {k: np.array([float(r[k]) if r[k] != "" else np.nan for r in rows]) for k in rows[0]}
+
+
+def plot_losses(csv_path: str, png_path: str, title: str = "") -> None:
+    """loss.png: training losses over steps, and validation bits per byte where logged."""
+    columns = read_csv(csv_path)
+    if not columns:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    step = columns["step"]
+    for name, style in (("loss", "-"), ("main_loss", "-"), ("mtp_loss", "--")):
+        if name in columns:
+            ax.plot(step, columns[name], style, label=f"train {name} (nats)")
+    if "eval_bpb" in columns:
+        mask = ~np.isnan(columns["eval_bpb"])
+        ax.plot(step[mask], columns["eval_bpb"][mask], "o-", label="validation bits/byte")
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,58 @@
+"""Start-up validation of a whole run config: each problem names the field and the fix."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from deepseek_jax.data.config import validate_data_config
+from deepseek_jax.model.config import ModelConfig
+
+
+def _need(ok: bool, field: str, value, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{field}={value!r} is invalid: {fix}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_train_config(t: ml_collections.ConfigDict) -> None:
+    _need(_is_int(t.steps) and t.steps >= 1, "train.steps", t.steps, "use an integer >= 1.")
+    _need(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "use a positive learning rate.")
+    _need(_is_int(t.warmup_steps) and 0 <= t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
+          "use an integer between 0 and train.steps.")
+    for name in ("decay_start", "final_lr_fraction", "mtp_lambda_switch"):
+        _need(0.0 <= t[name] <= 1.0, f"train.{name}", t[name], "use a fraction in [0, 1].")
+    _need(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, "train.b1/b2", (t.b1, t.b2), "use betas in [0, 1).")
+    _need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "use >= 0.")
+    _need(t.clip_norm > 0, "train.clip_norm", t.clip_norm, "use a positive global-norm bound.")
+    _need(t.moment_dtype in ("", "float32", "bfloat16"), "train.moment_dtype", t.moment_dtype,
+          "use '', 'float32' or 'bfloat16'.")
+    for name in ("mtp_lambda", "mtp_lambda_late", "balance_alpha", "bias_update_speed"):
+        _need(t[name] >= 0, f"train.{name}", t[name], "use a non-negative weight (0 disables it).")
+    _need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "use a decay in (0, 1), or 0 to disable.")
+    for name in ("log_every", "eval_every", "max_bad_steps"):
+        _need(_is_int(t[name]) and t[name] >= 1, f"train.{name}", t[name], "use an integer >= 1.")
+    for name in ("eval_batches", "sample_tokens"):
+        _need(_is_int(t[name]) and t[name] >= 0, f"train.{name}", t[name], "use an integer >= 0.")
+
+
+def validate_run_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """Checks every group once; returns the frozen model config."""
+    for group in ("model", "data", "train", "checkpoint"):
+        if group not in config:
+            raise ValueError(f"config has no '{group}' group; build configs on defaults.base_config().")
+    cfg = ModelConfig.from_dict(config.model)
+    validate_data_config(config.data)
+    validate_train_config(config.train)
+    c = config.checkpoint
+    _need(_is_int(c.every) and c.every >= 1, "checkpoint.every", c.every, "use an integer >= 1.")
+    _need(_is_int(c.keep) and c.keep >= 1, "checkpoint.keep", c.keep, "keep at least one checkpoint.")
+    if config.data.tokenizer == "byte" and cfg.vocab_size < 258:
+        raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is too small for the byte tokenizer "
+                         "(ids up to 257): use at least 258, e.g. 264.")
+    if config.data.seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds config.model."
+                         f"max_position_embeddings={cfg.max_position_embeddings}: shorten the rows.")
+    return cfg

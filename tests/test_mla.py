@@ -49,14 +49,14 @@ def mla_reference(p, x, positions, segments, cfg):
     B, T, _ = x.shape
     H, K, R, V, C = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                      cfg.kv_lora_rank)
-    eps = cfg.rms_norm_eps
+    latent_eps = 1e-6  # Fixed in DeepSeek's code for the q/kv latent norms.
     if cfg.q_lora_rank is None:
         q = x @ p["q_proj"]["kernel"]
     else:
-        q = rms(x @ p["q_a_proj"]["kernel"], p["q_a_layernorm"]["scale"], eps) @ p["q_b_proj"]["kernel"]
+        q = rms(x @ p["q_a_proj"]["kernel"], p["q_a_layernorm"]["scale"], latent_eps) @ p["q_b_proj"]["kernel"]
     q = q.reshape(B, T, H, K + R)
     kv = x @ p["kv_a_proj_with_mqa"]["kernel"]
-    latent = rms(kv[..., :C], p["kv_a_layernorm"]["scale"], eps)
+    latent = rms(kv[..., :C], p["kv_a_layernorm"]["scale"], latent_eps)
     k_rope = kv[..., C:]
     up = (latent @ p["kv_b_proj"]["kernel"]).reshape(B, T, H, K + V)
     if cfg.rope_scaling is None:

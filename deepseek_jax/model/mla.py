@@ -24,6 +24,9 @@ from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.layers import Linear, Matmul, RMSNorm, compute_dtype
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)
+# The latent norms use a fixed epsilon whatever `rms_norm_eps` says, as DeepSeek's inference code and
+# transformers do (only the layer norms read the config).
+LATENT_NORM_EPS = 1e-6
 
 
 def attention_mask(segment_ids_BT: jnp.ndarray, segment_ids_BS: jnp.ndarray | None = None,
@@ -57,12 +60,12 @@ class MLA(nn.Module):
             self.q_proj = Linear(H * cfg.qk_head_dim, ("embed", "heads"), dtype, matmul=mm)
         else:
             self.q_a_proj = Linear(cfg.q_lora_rank, ("embed", "q_lora"), dtype, matmul=mm)
-            self.q_a_layernorm = RMSNorm(cfg.rms_norm_eps, "q_lora")
+            self.q_a_layernorm = RMSNorm(LATENT_NORM_EPS, "q_lora")
             self.q_b_proj = Linear(H * cfg.qk_head_dim, ("q_lora", "heads"), dtype, matmul=mm,
                                    checkpoint_as=remat.MLA_UP_PROJ)
         self.kv_a_proj_with_mqa = Linear(cfg.kv_lora_rank + cfg.qk_rope_head_dim, ("embed", "kv_lora"),
                                          dtype, matmul=mm)
-        self.kv_a_layernorm = RMSNorm(cfg.rms_norm_eps, "kv_lora")
+        self.kv_a_layernorm = RMSNorm(LATENT_NORM_EPS, "kv_lora")
         self.kv_b_proj = Linear(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads"), dtype,
                                 matmul=mm, checkpoint_as=remat.MLA_UP_PROJ)
         self.o_proj = Linear(cfg.hidden_size, ("heads", "embed"), dtype, matmul=mm)

@@ -76,6 +76,7 @@ def train_config() -> ml_collections.ConfigDict:
     c.eval_batches = 16  # Validation batches per pass (0 = the whole validation split).
     c.sample_prompt = "def fibonacci(n):"  # Text continued greedily at the end of training.
     c.sample_tokens = 96  # Tokens generated for that sample (0 = no sample).
+    c.init_from = ""  # A `python -m deepseek_jax.convert` workdir whose weights start the run (fine-tuning).
     return c
 
 

@@ -192,7 +192,9 @@ def test_run_writes_its_outputs(full_run):
         assert os.path.exists(os.path.join(workdir, name)), name
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     rows = read_rows(workdir)
-    assert {"step", "loss", "mtp_loss", "max_vio", "eval_bpb"} <= set(rows[0])
+    # One MoE layer and one MTP block in the micro model: MaxVio per layer and their mean.
+    assert {"step", "loss", "mtp_loss", "max_vio", "max_vio_per_layer_0", "max_vio_per_layer_1",
+            "eval_bpb"} <= set(rows[0])
     assert sorted(losses_by_step(workdir)) == list(range(1, 7))
     assert summary["steps"] == 6 and summary["final_eval_bpb"] < summary["initial_eval_bpb"]
 
@@ -274,3 +276,18 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert "SIGTERM: saved step" in output
     steps = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
     assert len(steps) == 1 and steps[0] > 0
+
+
+def test_fine_tune_starts_from_a_converted_checkpoint(tmp_path):
+    from deepseek_jax import convert, model
+    from deepseek_jax.train.evaluation import evaluate
+
+    c = micro_run_config(tmp_path, steps=1, warmup_steps=0, ema_decay=0.0)
+    cfg = ModelConfig.from_dict(c.model)
+    variables = model.init(cfg, jax.random.key(7))  # Not the run's seed: a different model.
+    convert.save_checkpoint(cfg, variables, str(tmp_path / "hf"))
+    convert.hf_to_workdir(str(tmp_path / "hf"), str(tmp_path / "converted"))
+    c.train.init_from = str(tmp_path / "converted")
+    summary = train_and_evaluate(c, str(tmp_path / "run"))
+    expected = evaluate(cfg, variables, c.data, c.train.eval_batches)
+    assert summary["initial_eval_bpb"] == pytest.approx(expected["bpb"], rel=1e-6)

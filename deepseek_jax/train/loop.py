@@ -85,9 +85,27 @@ class _Progress:
         self.bar.update(1)
 
 
+def start_from_converted(state: step_lib.TrainState, converted_workdir: str, cfg: ModelConfig,
+                         tx) -> step_lib.TrainState:
+    """The state with the weights (and balancing biases) of a converted checkpoint, fresh optimizer."""
+    from deepseek_jax import convert  # Local: only fine-tuning runs need safetensors and the converter.
+
+    saved_cfg, variables = convert.load_workdir(converted_workdir)
+    checkpoint_lib.check_model_config(saved_cfg.to_dict(), cfg, converted_workdir)
+    print(f"Starting from the converted checkpoint in {converted_workdir}.")
+    return state.replace(params=variables["params"], routing=variables["routing"],
+                         opt_state=jax.jit(tx.init)(variables["params"]))
+
+
 def _to_host(metrics: dict) -> dict[str, float]:
-    host = jax.device_get(metrics)
-    return {k: float(v) for k, v in host.items() if np.ndim(v) == 0}
+    """Scalars as floats; a per-layer vector `name` becomes columns name_0, name_1, ..."""
+    host = {}
+    for name, value in jax.device_get(metrics).items():
+        if np.ndim(value) == 0:
+            host[name] = float(value)
+        else:
+            host.update({f"{name}_{i}": float(v) for i, v in enumerate(np.ravel(value))})
+    return host
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -106,6 +124,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
     start = ckpt.latest_step() or 0
+    if not start and t.init_from:
+        state = start_from_converted(state, t.init_from, cfg, tx)
     if start:
         restored = ckpt.restore(start, state, ema_like=ema and ema.value(), model_config=cfg)
         state = restored["state"]

@@ -2,28 +2,38 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
-EXTRAS ?= dev
+# One stamp per set of extras: a venv made for training gains the test extras on `make test`.
+BASE := $(VENV)/.installed-base
+TESTS := $(VENV)/.installed-tests
 
-.PHONY: venv train test bench notebooks lint clean
+.PHONY: train test bench notebooks clean
 
-$(STAMP): setup.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
-	touch $(STAMP)
 
-venv: $(STAMP)
+$(BASE): setup.py | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e .
+	touch $@
 
-train: $(STAMP)
+# dev: pytest and the notebook runner; hf: torch (CPU) and transformers for the parity tests.
+$(TESTS): setup.py | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -e ".[dev,hf]"
+	touch $@
+
+train: $(BASE)
 	$(PY) -m deepseek_jax.train --config=configs/tiny.py --workdir=runs/tiny
 
 # pytest exits 5 when it collects no test: that is a failure here, never a pass.
-test: $(STAMP)
+test: $(TESTS)
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
+bench: $(BASE)
 	$(PY) experiments/bench_train.py
+
+# Full-size runs; executed copies (with outputs) go to runs/notebooks/, the stored ones stay clean.
+notebooks: $(TESTS)
+	$(PY) experiments/run_notebooks.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -74,8 +74,9 @@ def train_config() -> ml_collections.ConfigDict:
     c.log_every = 10  # Steps between metric rows (CSV, TensorBoard).
     c.eval_every = 100  # Steps between validation passes (also at step 0 and at the end).
     c.eval_batches = 16  # Validation batches per pass (0 = the whole validation split).
-    c.sample_prompt = "def fibonacci(n):"  # Text continued greedily at the end of training.
+    c.sample_prompt = "def fibonacci(n):"  # Text the model continues at the end of training.
     c.sample_tokens = 96  # Tokens generated for that sample (0 = no sample).
+    c.sample_temperature = 0.7  # 0 = greedy (tiny models then often repeat whitespace).
     c.init_from = ""  # A `python -m deepseek_jax.convert` workdir whose weights start the run (fine-tuning).
     return c
 

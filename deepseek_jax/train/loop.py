@@ -54,12 +54,13 @@ class _SigtermFlag:
 
 
 def sample_text(cfg: ModelConfig, variables: dict, data_cfg: ml_collections.ConfigDict, prompt: str,
-                num_tokens: int) -> str:
-    """Greedy continuation of `prompt` by the model, decoded to text."""
+                num_tokens: int, temperature: float = 0.0, seed: int = 0) -> str:
+    """The model's continuation of `prompt` (greedy at temperature 0), decoded to text."""
     tokenizer = tokenizers.make_tokenizer(data_cfg)
     ids = np.asarray(tokenizer.encode(prompt), np.int32)[None, :]
     room = cfg.max_position_embeddings - ids.shape[1]
-    out = generate_uncached(cfg, variables, jnp.asarray(ids), min(num_tokens, room))
+    out = generate_uncached(cfg, variables, jnp.asarray(ids), min(num_tokens, room), temperature=temperature,
+                            key=jax.random.key(seed))
     return prompt + tokenizer.decode(np.asarray(out[0, ids.shape[1]:]))
 
 
@@ -183,8 +184,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary.update(steps=int(state.step), skipped_steps=int(state.skipped_steps), seconds=elapsed,
                    tokens_per_second=progress.tokens_per_second, interrupted=bool(sigterm.raised))
     if t.sample_tokens and not sigterm.raised:
-        summary["sample"] = sample_text(cfg, variables(state), config.data, t.sample_prompt, t.sample_tokens)
-        print(f"\n--- sample (greedy) ---\n{summary['sample']}\n---")
+        summary["sample"] = sample_text(cfg, variables(state), config.data, t.sample_prompt, t.sample_tokens,
+                                        t.sample_temperature, config.seed)
+        print(f"\n--- sample (temperature {t.sample_temperature}) ---\n{summary['sample']}\n---")
     if ema:
         ema.close()
     with open(os.path.join(workdir, "summary.json"), "w") as f:

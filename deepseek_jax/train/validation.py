@@ -34,6 +34,7 @@ def validate_train_config(t: ml_collections.ConfigDict) -> None:
     _need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "use a decay in (0, 1), or 0 to disable.")
     for name in ("log_every", "eval_every", "max_bad_steps"):
         _need(_is_int(t[name]) and t[name] >= 1, f"train.{name}", t[name], "use an integer >= 1.")
+    _need(t.sample_temperature >= 0, "train.sample_temperature", t.sample_temperature, "use >= 0 (0 = greedy).")
     for name in ("eval_batches", "sample_tokens"):
         _need(_is_int(t[name]) and t[name] >= 0, f"train.{name}", t[name], "use an integer >= 0.")
 

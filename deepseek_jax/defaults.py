@@ -48,7 +48,17 @@ def base_config() -> ml_collections.ConfigDict:
     config.data = default_data_config()  # Documented key by key in deepseek_jax/data/config.py.
     config.train = train_config()
     config.checkpoint = checkpoint_config()
+    config.fp8 = fp8_config()
     return config
+
+
+def fp8_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.enabled = False  # FP8 GEMMs in every eligible Linear (not the head, router, norms, attention core).
+    c.recipe = "fine_grained"  # 'fine_grained' (DeepSeek-V3: 1x128 / 128x128 tiles) or 'per_tensor'.
+    c.tile = 128  # Tile length / block edge of the fine-grained recipe.
+    c.grad_dtype = "float8_e4m3fn"  # Output gradients' FP8 dtype (V3: E4M3; 'float8_e5m2' = hybrid).
+    return c
 
 
 def train_config() -> ml_collections.ConfigDict:

@@ -289,3 +289,16 @@ class PerTensorFp8Recipe:
 
     def __call__(self, x: Array, w: Array) -> Array:
         return self.matmul(x, w)
+
+
+RECIPES = ("fine_grained", "per_tensor")
+
+
+def make_recipe(name: str, *, tile: int = DEFAULT_TILE, grad_dtype: DType = E4M3
+                ) -> Fp8Recipe | PerTensorFp8Recipe:
+    """The recipe a run config names (`config.fp8.recipe`)."""
+    if name == "fine_grained":
+        return Fp8Recipe(tile=tile, grad_fp8_dtype=grad_dtype)
+    if name == "per_tensor":
+        return PerTensorFp8Recipe(grad_fp8_dtype=grad_dtype)
+    raise ValueError(f"config.fp8.recipe={name!r} is not a recipe; use one of {RECIPES}.")

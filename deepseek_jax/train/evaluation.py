@@ -16,6 +16,7 @@ from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.train import checkpoint as checkpoint_lib
 from deepseek_jax.train import step as step_lib
 from deepseek_jax.train.optimizer import make_optimizer
+from deepseek_jax.train.precision import matmul_for
 from deepseek_jax.train.validation import validate_run_config
 
 
@@ -59,6 +60,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, step
     ckpt.close()
     state = restored["state"]
     params = restored["ema"] if use_ema else state.params
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, cfg=cfg, matmul=matmul_for(config)))
     result = evaluate(cfg, {"params": params, "routing": state.routing}, config.data,
-                      config.train.eval_batches)
+                      config.train.eval_batches, eval_fn)
     return {"step": step, "weights": "ema" if use_ema else "params", **result}

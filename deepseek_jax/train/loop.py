@@ -31,6 +31,7 @@ from deepseek_jax.train.ema import HostEMA
 from deepseek_jax.train.evaluation import evaluate, model_inputs
 from deepseek_jax.train.metrics import MetricWriter, plot_losses
 from deepseek_jax.train.optimizer import make_optimizer
+from deepseek_jax.train.precision import matmul_for
 from deepseek_jax.train.validation import validate_run_config
 
 
@@ -135,9 +136,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             ema.restore(restored["ema"])
         print(f"Resumed from {ckpt.path(start)}.")
 
-    step_fn = jax.jit(functools.partial(step_lib.train_step, cfg=cfg, train_cfg=t, tx=tx),
+    matmul = matmul_for(config)
+    step_fn = jax.jit(functools.partial(step_lib.train_step, cfg=cfg, train_cfg=t, tx=tx, matmul=matmul),
                       donate_argnums=() if ema else (0,))  # The EMA reads each step's params later.
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, cfg=cfg))
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, cfg=cfg, matmul=matmul))
     writer = MetricWriter(workdir)
     variables = lambda s: {"params": s.params, "routing": s.routing}  # noqa: E731
     tokens_per_step = config.data.batch_size * config.data.seq_len

@@ -94,9 +94,9 @@ def train_step(state: TrainState, batch: Batch, *, cfg: ModelConfig, train_cfg: 
     return new_state, metrics
 
 
-def eval_step(params, routing, batch: Batch, *, cfg: ModelConfig) -> dict:
+def eval_step(params, routing, batch: Batch, *, cfg: ModelConfig, matmul: Matmul | None = None) -> dict:
     """Summed next-token loss (nats) and token count of one batch, for bits per byte."""
     out = model.apply(cfg, {"params": params, "routing": routing}, batch["tokens"], batch["positions"],
-                      batch["segment_ids"], run_mtp=False)
+                      batch["segment_ids"], matmul=matmul, run_mtp=False)
     nll, count = losses.next_token_loss(out.logits, batch["tokens"], batch["segment_ids"])
     return {"nll": nll, "tokens": count}

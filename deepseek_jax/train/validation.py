@@ -6,6 +6,7 @@ import ml_collections
 
 from deepseek_jax.data.config import validate_data_config
 from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.train.precision import matmul_for
 
 
 def _need(ok: bool, field: str, value, fix: str) -> None:
@@ -50,6 +51,7 @@ def validate_run_config(config: ml_collections.ConfigDict) -> ModelConfig:
     c = config.checkpoint
     _need(_is_int(c.every) and c.every >= 1, "checkpoint.every", c.every, "use an integer >= 1.")
     _need(_is_int(c.keep) and c.keep >= 1, "checkpoint.keep", c.keep, "keep at least one checkpoint.")
+    matmul_for(config)  # Builds the FP8 recipe if enabled: a bad recipe name or dtype fails here.
     if config.data.tokenizer == "byte" and cfg.vocab_size < 258:
         raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is too small for the byte tokenizer "
                          "(ids up to 257): use at least 258, e.g. 264.")

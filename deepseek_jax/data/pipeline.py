@@ -240,6 +240,14 @@ def load_corpus(data_cfg: ml_collections.ConfigDict) -> sources.Corpus:
     )
 
 
+def _checked_corpus(data_cfg: ml_collections.ConfigDict, shard_index: int, shard_count: int,
+                    corpus: sources.Corpus | None) -> sources.Corpus:
+    """Validates the data config and this process's shard; loads the corpus unless given."""
+    config_lib.validate_data_config(data_cfg)
+    config_lib.validate_sharding(data_cfg, shard_index, shard_count)
+    return corpus or load_corpus(data_cfg)
+
+
 def make_train_iterator(
     data_cfg: ml_collections.ConfigDict,
     *,
@@ -253,9 +261,7 @@ def make_train_iterator(
     Pass `corpus`/`tokenizer` to reuse ones already loaded (e.g. for eval too).
     Infinite unless data.num_epochs is set. Restore with `set_state`.
     """
-    config_lib.validate_data_config(data_cfg)
-    config_lib.validate_sharding(data_cfg, shard_index, shard_count)
-    corpus = corpus or load_corpus(data_cfg)
+    corpus = _checked_corpus(data_cfg, shard_index, shard_count, corpus)
     if not corpus.train:
         raise ValueError(
             f"data: the training split is empty ({len(corpus.validation)} validation documents); "
@@ -292,9 +298,7 @@ def make_eval_iterator(
     of batches and every validation token is seen exactly once.
     Bits per byte = sum(masked token NLL) / ln(2) / sum(num_bytes).
     """
-    config_lib.validate_data_config(data_cfg)
-    config_lib.validate_sharding(data_cfg, shard_index, shard_count)
-    corpus = corpus or load_corpus(data_cfg)
+    corpus = _checked_corpus(data_cfg, shard_index, shard_count, corpus)
     if not corpus.validation:
         raise ValueError(
             f"data: the validation split is empty ({len(corpus.train)} training documents, "

@@ -49,7 +49,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = train_config()
     config.checkpoint = checkpoint_config()
     config.fp8 = fp8_config()
+    config.parallel = parallel_config()
     return config
+
+
+def parallel_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = 1  # Pipeline ranks (devices on the 'stage' mesh axis); 1 = no pipeline.
+    c.pipeline = "dualpipe"  # Schedule: gpipe, 1f1b, zb_h1, dualpipe or dualpipev.
+    c.microbatches = 8  # Micro-batches per step (data.batch_size must be a multiple).
+    return c
 
 
 def fp8_config() -> ml_collections.ConfigDict:

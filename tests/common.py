@@ -26,7 +26,7 @@ def to_f64(tree):
 def micro_run_config(tmp_path, **train_overrides):
     """A run config small enough to train a few steps in seconds, on a corpus written to tmp_path."""
     corpus = tmp_path / "corpus"
-    corpus.mkdir(exist_ok=True)
+    corpus.mkdir(parents=True, exist_ok=True)
     for i in range(24):  # Deterministic, varied text: 24 small documents.
         (corpus / f"doc{i:02d}.txt").write_text(
             "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(12)))

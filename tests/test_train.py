@@ -291,3 +291,24 @@ def test_fine_tune_starts_from_a_converted_checkpoint(tmp_path):
     summary = train_and_evaluate(c, str(tmp_path / "run"))
     expected = evaluate(cfg, variables, c.data, c.train.eval_batches)
     assert summary["initial_eval_bpb"] == pytest.approx(expected["bpb"], rel=1e-6)
+
+
+def test_pipelined_run_matches_the_unpipelined_one(tmp_path):
+    """`--config.parallel.stage=2 --config.parallel.pipeline=dualpipe` trains the same model."""
+    losses = {}
+    for stage in (1, 2):
+        c = micro_run_config(tmp_path / str(stage), steps=2, eval_every=100, ema_decay=0.0)
+        c.model.num_hidden_layers = 3  # Two MoE layers: one per pipeline stage.
+        c.parallel.update(stage=stage, pipeline="dualpipe", microbatches=4)
+        train_and_evaluate(c, str(tmp_path / str(stage) / "run"))
+        losses[stage] = {s: float(v) for s, v in losses_by_step(str(tmp_path / str(stage) / "run")).items()}
+    assert losses[1].keys() == losses[2].keys() == {1, 2}
+    for s in losses[1]:
+        assert losses[2][s] == pytest.approx(losses[1][s], rel=1e-5)
+
+
+def test_bad_pipeline_config_is_named(tmp_path):
+    c = micro_run_config(tmp_path)
+    c.parallel.update(stage=2, pipeline="dualpipe", microbatches=3)
+    with pytest.raises(ValueError, match="parallel.microbatches"):
+        train_and_evaluate(c, str(tmp_path / "run"))

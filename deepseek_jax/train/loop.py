@@ -87,6 +87,16 @@ class _Progress:
         self.bar.update(1)
 
 
+def make_step(config: ml_collections.ConfigDict, cfg: ModelConfig, tx, matmul):
+    """The (state, batch) -> (state, metrics) step: pipelined over `parallel.stage` ranks, or not."""
+    p = config.parallel if "parallel" in config else None
+    if p is not None and p.stage > 1:
+        from deepseek_jax.parallel.pipeline import stages  # Local: only pipelined runs build a mesh.
+
+        return stages.make_pipelined_step(cfg, config.train, tx, p.pipeline, p.stage, p.microbatches, matmul)
+    return functools.partial(step_lib.train_step, cfg=cfg, train_cfg=config.train, tx=tx, matmul=matmul)
+
+
 def start_from_converted(state: step_lib.TrainState, converted_workdir: str, cfg: ModelConfig,
                          tx) -> step_lib.TrainState:
     """The state with the weights (and balancing biases) of a converted checkpoint, fresh optimizer."""
@@ -137,11 +147,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"Resumed from {ckpt.path(start)}.")
 
     matmul = matmul_for(config)
-    step_fn = jax.jit(functools.partial(step_lib.train_step, cfg=cfg, train_cfg=t, tx=tx, matmul=matmul),
+    step_fn = jax.jit(make_step(config, cfg, tx, matmul),
                       donate_argnums=() if ema else (0,))  # The EMA reads each step's params later.
     eval_fn = jax.jit(functools.partial(step_lib.eval_step, cfg=cfg, matmul=matmul))
     writer = MetricWriter(workdir)
-    variables = lambda s: {"params": s.params, "routing": s.routing}  # noqa: E731
+    def variables(s: step_lib.TrainState) -> dict:
+        """The model variables for evaluation and sampling, which run un-pipelined on one device (a
+        pipelined step leaves the state on its Explicit 'stage' mesh, where ragged_dot has no
+        sharding rule)."""
+        v = {"params": s.params, "routing": s.routing}
+        return jax.device_put(v, jax.devices()[0]) if config.parallel.stage > 1 else v
     tokens_per_step = config.data.batch_size * config.data.seq_len
     summary = {"start_step": start}
     if start == 0:

@@ -79,6 +79,14 @@ def train_step(state: TrainState, batch: Batch, *, cfg: ModelConfig, train_cfg: 
     grad_fn = jax.grad(loss_and_metrics, has_aux=True)
     grads, (metrics, router_stats) = grad_fn(state.params, state.routing, batch, state.step, cfg, train_cfg,
                                              matmul)
+    return apply_update(state, grads, metrics, router_stats, train_cfg, tx)
+
+
+def apply_update(state: TrainState, grads, metrics: dict, router_stats: dict,
+                 train_cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation
+                 ) -> tuple[TrainState, dict]:
+    """The update half of a step, shared by every way of computing gradients (e.g. pipelined):
+    AdamW, the loss-free bias update, and the NaN guard that keeps the old state."""
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

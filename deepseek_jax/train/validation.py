@@ -40,6 +40,24 @@ def validate_train_config(t: ml_collections.ConfigDict) -> None:
         _need(_is_int(t[name]) and t[name] >= 0, f"train.{name}", t[name], "use an integer >= 0.")
 
 
+def validate_parallel_config(config: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
+    import jax
+
+    from deepseek_jax.parallel.pipeline.schedules import SCHEDULES
+
+    p = config.parallel
+    _need(_is_int(p.stage) and 1 <= p.stage <= jax.device_count(), "parallel.stage", p.stage,
+          f"use 1 (no pipeline) up to the {jax.device_count()} devices available.")
+    if p.stage == 1:
+        return
+    _need(p.pipeline in SCHEDULES, "parallel.pipeline", p.pipeline, f"use one of {sorted(SCHEDULES)}.")
+    _need(_is_int(p.microbatches) and p.microbatches >= 1 and config.data.batch_size % p.microbatches == 0,
+          "parallel.microbatches", p.microbatches, f"use a divisor of data.batch_size={config.data.batch_size}.")
+    stages = 2 * p.stage if p.pipeline == "dualpipev" else p.stage
+    _need(cfg.num_moe_layers % stages == 0, "parallel.stage", p.stage,
+          f"the {cfg.num_moe_layers} MoE layers must split evenly into {stages} pipeline stages.")
+
+
 def validate_run_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """Checks every group once; returns the frozen model config."""
     for group in ("model", "data", "train", "checkpoint"):
@@ -51,6 +69,8 @@ def validate_run_config(config: ml_collections.ConfigDict) -> ModelConfig:
     c = config.checkpoint
     _need(_is_int(c.every) and c.every >= 1, "checkpoint.every", c.every, "use an integer >= 1.")
     _need(_is_int(c.keep) and c.keep >= 1, "checkpoint.keep", c.keep, "keep at least one checkpoint.")
+    if "parallel" in config:
+        validate_parallel_config(config, cfg)
     matmul_for(config)  # Builds the FP8 recipe if enabled: a bad recipe name or dtype fails here.
     if config.data.tokenizer == "byte" and cfg.vocab_size < 258:
         raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is too small for the byte tokenizer "

@@ -214,13 +214,17 @@ def _peak_activations(rank_ops: list[TimedOp]) -> int:
     return peak
 
 
-def tick_table(schedule: Schedule) -> tuple[tuple[Optional[Op], ...], ...]:
+def tick_table(schedule: Schedule, latency: int = 0) -> tuple[tuple[Optional[Op], ...], ...]:
     """[tick][rank] -> the op each rank runs in lock-step tick t (None = idle).
 
-    Every op takes one tick and its outputs are usable from the next tick on, so an executor that
-    runs tick t's ops and then moves the outputs between ranks respects every dependency.
+    Every op takes one tick. A value crossing ranks is usable `latency` ticks after the tick that
+    produced it ends (0: from the next tick on; 1: the executor sends it during the next tick, in
+    parallel with that tick's compute); a hand-off inside a rank is usable from the next tick on.
+    So an executor that runs tick t's ops and then moves the outputs between ranks, taking
+    `latency` ticks for a move, respects every dependency.
     """
-    timeline = simulate(schedule, CostModel.unit())
+    cost = dataclasses.replace(CostModel.unit(), p2p_latency=float(latency))
+    timeline = simulate(schedule, cost)
     table = [[None] * schedule.num_ranks for _ in range(int(timeline.total_time))]
     for r, rank_ops in enumerate(timeline.ops):
         for t in rank_ops:

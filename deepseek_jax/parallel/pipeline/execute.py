@@ -1,0 +1,314 @@
+"""Runs any pipeline schedule for real: one `jax.shard_map` over the mesh's 'stage' axis.
+
+Legend: P ranks (the 'stage' mesh axis), K module slots per rank, S stages, M micro-batches,
+T lock-step ticks, N slots of a buffer.
+
+    pipeline_gradients(plan, stage_fn, stage_params [S, ...], shared_params, inputs [M, ...], ...)
+        -> PipelineResult(loss, grads {'stage': [S, ...], 'shared': ...}, stats [S, ...])
+
+Inside the shard_map every rank runs the same program: a `lax.scan` over the T ticks of the plan's
+op table (tables.py), so compile time does not depend on M. In each tick a rank
+  1. reads its row of the table (`lax.axis_index('stage')`),
+  2. runs its op with `lax.switch`: idle, F, B, I, W, or an overlapped F&B pair, on module slot k
+     (backward_split.py derives F, B, I, W from the stage function; W contracts what I kept and
+     never redoes the input-gradient chain),
+  3. moves values with explicit `lax.ppermute`s between neighbours, activations and gradients,
+     rightwards and leftwards (DualPipe uses all four channels; a rank sending to itself, as at
+     DualPipeV's turn, writes straight into its own inbox).
+With `latency=1` (the default) the sends are double-buffered: step 3 of tick t moves what tick t-1
+produced, so the `collective-permute`s of a tick depend only on the loop carry, not on the tick's
+compute, and the compute does not depend on them. XLA's asynchronous collective scheduling (GPU,
+TPU) can then run each tick's transfers during its compute; the op table leaves one tick of latency
+for every hop. CPU XLA emits synchronous collective-permutes, so on CPU the overlap exists only in the
+dependency graph (tests/test_execute.py checks it there) and cannot be timed.
+
+Parameters: rank r holds module slot k = stage `schedule.modules[r][k]` as a copy gathered from the
+[S, ...] stage parameters (DualPipe: stages r and P-1-r, so every stage twice; DualPipeV: stages r
+and 2P-1-r). Gradients accumulate per slot on the rank and are summed over the copies of each stage
+after the pipeline, before any optimizer sees them. `shared_params` (embedding, output head: used by
+the first and last stages) are replicated on every rank, their gradients summed over ranks.
+
+Memory trade-offs of running one SPMD program: every rank allocates every buffer at the largest
+size any rank needs, the residuals of the stage function's conditional parts (first-stage embedding,
+last-stage head) are part of every stash slot, and the shared parameters and their gradient
+accumulators live on all ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deepseek_jax.parallel.pipeline import backward_split
+from deepseek_jax.parallel.pipeline.tables import CHANNELS, Branch, Field, Plan, build_plan
+
+AXIS = "stage"
+
+
+class StageContext(NamedTuple):
+    """What a stage function sees besides its parameters and input activation (not differentiated).
+
+    batch: the micro-batch's slice of `inputs` (leading M axis removed).
+    stage: int32 scalar, the global stage (0 .. S-1), for first/last-stage extras.
+    stage_consts: the stage's slice of `stage_consts` (e.g. routing biases of its layers).
+    consts: `consts`, the same for every call (loss normalisers, ...).
+    """
+
+    batch: Any
+    stage: jnp.ndarray
+    stage_consts: Any
+    consts: Any
+
+
+class PipelineResult(NamedTuple):
+    loss: jnp.ndarray  # float32 scalar: sum over micro-batches and stages of the stage losses.
+    grads: dict  # {'stage': [S, ...] (copies summed), 'shared': ...}
+    stats: Any  # [S, ...]: each stage's stats summed over micro-batches (and copies).
+
+
+def make_stage_mesh(num_ranks: int, devices=None) -> jax.sharding.Mesh:
+    """A 1-D ('stage',) mesh. Explicit axis type: outside the shard_map, the [P, K, ...] layout of the
+    per-rank parameter copies is part of the arrays' types, so gathering the copies and summing their
+    gradients are visible resharding steps rather than choices left to the partitioner; inside the
+    shard_map the axis is manual either way."""
+    devices = jax.devices()[:num_ranks] if devices is None else devices
+    if len(devices) < num_ranks:
+        raise ValueError(f"a pipeline over {num_ranks} ranks needs {num_ranks} devices, found {len(devices)}")
+    return jax.make_mesh((num_ranks,), (AXIS,), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices)
+
+
+def _place(tree, mesh, spec):
+    """Lays `tree` out as `spec` on `mesh` (reshard on Explicit axes, a constraint on Auto ones)."""
+    sharding = NamedSharding(mesh, spec)
+    explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+    place = (lambda a: jax.sharding.reshard(a, sharding)) if explicit else (
+        lambda a: lax.with_sharding_constraint(a, sharding))
+    return jax.tree.map(place, tree)
+
+
+def _index(tree, i):
+    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+
+def _add(tree, i, value):
+    return jax.tree.map(lambda a, v: lax.dynamic_update_index_in_dim(
+        a, lax.dynamic_index_in_dim(a, i, keepdims=False) + v.astype(a.dtype), i, 0), tree, value)
+
+
+def _masked_set(buffer, i, value, write):
+    """buffer[i] = value if write else buffer[i] (one slot read and written either way)."""
+    old = lax.dynamic_index_in_dim(buffer, i, keepdims=False)
+    return lax.dynamic_update_index_in_dim(buffer, jnp.where(write, value.astype(buffer.dtype), old), i, 0)
+
+
+def _zeros(avals, lead=()):
+    return jax.tree.map(lambda a: jnp.zeros(tuple(lead) + tuple(a.shape), a.dtype), avals)
+
+
+@dataclasses.dataclass
+class _Carry:
+    """The per-rank state threaded through the ticks (a pytree)."""
+
+    grads_stage: Any  # [K, ...]
+    grads_shared: Any
+    stats: Any  # [K, ...]
+    loss: jnp.ndarray
+    stash: list  # each [num_stash, ...]
+    wstash: list  # each [num_wstash, ...]
+    act_in: jnp.ndarray  # [num_act_in + 1, *x]  (last slot: discard)
+    grad_in: jnp.ndarray  # [num_grad_in + 1, *x]
+    act_out: jnp.ndarray  # [*x] what this rank's F produced (last tick, when double-buffered)
+    grad_out: jnp.ndarray  # [*x] what this rank's B or I produced
+
+
+jax.tree_util.register_dataclass(_Carry, data_fields=[f.name for f in dataclasses.fields(_Carry)],
+                                 meta_fields=[])
+
+
+def _rank_program(plan: Plan, stage_fn, x_aval, slot_params, shared_params, slot_consts, inputs, consts):
+    """The shard_map body: one rank's T ticks. Returns its loss, gradients and stats."""
+    num_ranks = plan.schedule.num_ranks
+    rank = lax.axis_index(AXIS)
+    table = jnp.asarray(plan.table)
+
+    def context(row_mb, row_stage, slot):
+        return StageContext(batch=_index(inputs, row_mb), stage=row_stage,
+                            stage_consts=_index(slot_consts, slot), consts=consts)
+
+    abstract_ctx = context(jnp.int32(0), jnp.int32(0), jnp.int32(0))
+    params0 = {"stage": _index(slot_params, 0), "shared": shared_params}
+    split = backward_split.split_stage(stage_fn, params0, jnp.zeros(x_aval.shape, x_aval.dtype), abstract_ctx)
+    zero_x = jnp.zeros(x_aval.shape, x_aval.dtype)
+
+    def params_of(slot):
+        return {"stage": _index(slot_params, slot), "shared": shared_params}
+
+    # The switch sees only this tick's operands (read from the buffers before it) and returns only
+    # this tick's results (written to the buffers after it): the buffers never pass through the
+    # conditional, which would make XLA copy every one of them in every tick.
+    stats_avals = jax.eval_shape(lambda: split.forward(params0, zero_x, abstract_ctx)[1])
+    defaults = dict(y=zero_x, d_x=zero_x, loss=jnp.zeros((), jnp.float32), stats=_zeros(stats_avals),
+                    stash=_zeros(list(split.stash_avals)), wstash=_zeros(list(split.wstash_avals)),
+                    d_params=jax.tree.map(jnp.zeros_like, params0))
+
+    def forward(ops, out):
+        (out["y"], out["loss"]), out["stats"], out["stash"] = split.forward(ops["params_f"], ops["x"], ops["ctx_f"])
+        return out
+
+    def backward(ops, out, input_only: bool):
+        if input_only:
+            out["d_x"], out["wstash"] = split.input_grad(ops["params_b"], ops["ctx_b"], ops["stash"], ops["ct"])
+        else:
+            out["d_params"], out["d_x"] = split.backward(ops["params_b"], ops["ctx_b"], ops["stash"], ops["ct"])
+        return out
+
+    def weight(ops, out):
+        out["d_params"] = split.weight_grad(ops["params_b"], ops["ctx_b"], ops["stash"], ops["wstash"])
+        return out
+
+    ops = {Branch.IDLE: lambda o, out: out, Branch.F: forward,
+           Branch.B: functools.partial(backward, input_only=False),
+           Branch.I: functools.partial(backward, input_only=True), Branch.W: weight,
+           Branch.FB: lambda o, out: backward(o, forward(o, out), input_only=False),
+           Branch.FI: lambda o, out: backward(o, forward(o, out), input_only=True)}
+    branch_index = np.full(len(Branch), 0, np.int32)
+    branch_index[list(plan.branches)] = np.arange(len(plan.branches))
+    branch_index = jnp.asarray(branch_index)
+    branches = [lambda o, fn=ops[b]: fn(o, dict(defaults)) for b in plan.branches]
+
+    def run_op(c: _Carry, row) -> _Carry:
+        slot_f, slot_b = jnp.maximum(row[Field.F_SLOT], 0), jnp.maximum(row[Field.B_SLOT], 0)
+        src_f, src_b = row[Field.F_IN], row[Field.B_IN]
+        stash_at, wstash_at = jnp.maximum(row[Field.B_STASH], 0), jnp.maximum(row[Field.B_WSTASH], 0)
+        operands = dict(
+            x=jnp.where(src_f >= 0, c.act_in[jnp.maximum(src_f, 0)], zero_x),
+            ct=jnp.where(src_b >= 0, c.grad_in[jnp.maximum(src_b, 0)], zero_x),
+            stash=[b[stash_at] for b in c.stash], wstash=[b[wstash_at] for b in c.wstash],
+            params_f=params_of(slot_f), params_b=params_of(slot_b),
+            ctx_f=context(row[Field.F_MB], row[Field.F_STAGE], slot_f),
+            ctx_b=context(row[Field.B_MB], row[Field.B_STAGE], slot_b))
+        out = lax.switch(branch_index[row[Field.BRANCH]], branches, operands)
+        has_f = row[Field.F_STASH] >= 0
+        has_i = (row[Field.BRANCH] == Branch.I) | (row[Field.BRANCH] == Branch.FI)
+        c.stash = [_masked_set(b, jnp.maximum(row[Field.F_STASH], 0), v, has_f) for b, v in zip(c.stash, out["stash"])]
+        c.wstash = [_masked_set(b, wstash_at, v, has_i) for b, v in zip(c.wstash, out["wstash"])]
+        c.loss = c.loss + out["loss"]
+        c.stats = _add(c.stats, slot_f, out["stats"])
+        c.grads_stage = _add(c.grads_stage, slot_b, out["d_params"]["stage"])
+        c.grads_shared = jax.tree.map(jnp.add, c.grads_shared, out["d_params"]["shared"])
+        c.act_out, c.grad_out = out["y"], out["d_x"]
+        return c
+
+    def permute(value, direction):
+        pairs = [(r, r + direction) for r in range(num_ranks) if 0 <= r + direction < num_ranks]
+        return lax.ppermute(value, AXIS, pairs)
+
+    def send(c: _Carry):
+        """The point-to-point transfers of (c.act_out, c.grad_out): {receiver's field: value}."""
+        return {field: permute(c.act_out if payload == "act" else c.grad_out, direction)
+                for (payload, direction) in plan.channels
+                for field in [CHANNELS[(payload, direction)]]}
+
+    def deliver(c: _Carry, row, received) -> _Carry:
+        for field, value in received.items():
+            if field in (Field.ACT_FROM_LEFT, Field.ACT_FROM_RIGHT, Field.ACT_FROM_SELF):
+                c.act_in = lax.dynamic_update_index_in_dim(c.act_in, value, row[field], 0)
+            else:
+                c.grad_in = lax.dynamic_update_index_in_dim(c.grad_in, value, row[field], 0)
+        return c
+
+    def tick(c: _Carry, rows):
+        row = rows[rank]
+        if plan.latency:  # double-buffered: send what the previous tick produced, during this tick
+            received = send(c)
+        c = run_op(c, row)
+        c = deliver(c, row, {Field.ACT_FROM_SELF: c.act_out, Field.GRAD_FROM_SELF: c.grad_out})
+        if not plan.latency:
+            received = send(c)
+        return deliver(c, row, received), None
+
+    num_slots = plan.num_slots
+    carry = _Carry(
+        grads_stage=jax.tree.map(jnp.zeros_like, slot_params),
+        grads_shared=jax.tree.map(jnp.zeros_like, shared_params),
+        stats=_zeros(stats_avals, (num_slots,)),
+        loss=jnp.zeros((), jnp.float32),
+        stash=[jnp.zeros((max(plan.num_stash, 1),) + a.shape, a.dtype) for a in split.stash_avals],
+        wstash=[jnp.zeros((max(plan.num_wstash, 1),) + a.shape, a.dtype) for a in split.wstash_avals],
+        act_in=jnp.zeros((plan.num_act_in + 1,) + x_aval.shape, x_aval.dtype),
+        grad_in=jnp.zeros((plan.num_grad_in + 1,) + x_aval.shape, x_aval.dtype),
+        act_out=zero_x, grad_out=zero_x)
+    carry, _ = lax.scan(tick, carry, table)
+    expand = lambda tree: jax.tree.map(lambda a: a[None], tree)  # noqa: E731  [K, ...] -> [1, K, ...]
+    return (lax.psum(carry.loss, AXIS), expand(carry.grads_stage), lax.psum(carry.grads_shared, AXIS),
+            expand(carry.stats))
+
+
+def pipeline_gradients(plan: Plan | Any, stage_fn, stage_params, shared_params, inputs, *, mesh,
+                       x_aval: jax.ShapeDtypeStruct, stage_consts=None, consts=None) -> PipelineResult:
+    """Loss, gradients and stats of M micro-batches through S stages, run as `plan` schedules them.
+
+    Args:
+      plan: a `tables.Plan` (or a `Schedule`, planned with the default latency).
+      stage_fn: `stage_fn(params, x, ctx) -> ((y, loss), stats)`, params = {'stage': one stage's
+        slice of `stage_params`, 'shared': `shared_params`}, ctx a `StageContext`. Every stage runs
+        the same function; it reads `ctx.stage` for first/last-stage extras (the first stage gets
+        x = 0, the last stage's y gets a zero gradient).
+      stage_params: pytree of [S, ...] arrays.
+      shared_params: pytree used by any stage (replicated on every rank).
+      inputs: pytree of [M, ...] arrays, micro-batch g = direction * (M / directions) + m.
+      mesh: a mesh with a 'stage' axis of size P (e.g. `make_stage_mesh(P)`).
+      x_aval: shape and dtype of the activation passed between stages.
+      stage_consts: pytree of [S, ...] arrays, not differentiated (e.g. routing biases).
+      consts: pytree passed to every stage call, not differentiated.
+
+    Call it under `jax.jit`.
+    """
+    if not isinstance(plan, Plan):
+        plan = build_plan(plan)
+    schedule = plan.schedule
+    if mesh.shape[AXIS] != schedule.num_ranks:
+        raise ValueError(f"the schedule has {schedule.num_ranks} ranks but mesh axis '{AXIS}' has "
+                         f"{mesh.shape[AXIS]} devices; build the schedule for {mesh.shape[AXIS]} ranks")
+    for leaf in jax.tree.leaves(stage_params) + jax.tree.leaves(stage_consts):
+        if leaf.shape[0] != schedule.num_stages:
+            raise ValueError(f"stage_params / stage_consts need a leading axis of {schedule.num_stages} "
+                             f"stages, got shape {leaf.shape}")
+    for leaf in jax.tree.leaves(inputs):
+        if leaf.shape[0] != schedule.num_microbatches:
+            raise ValueError(f"inputs need a leading axis of {schedule.num_microbatches} micro-batches, "
+                             f"got shape {leaf.shape}")
+    stage_consts = {} if stage_consts is None else stage_consts
+    consts = {} if consts is None else consts
+    modules = np.asarray(schedule.modules, np.int32)  # [P, K]
+    copies = lambda tree: jax.tree.map(lambda a: a[modules], tree)  # noqa: E731  [S, ...] -> [P, K, ...]
+    slot_params, slot_consts = _place(copies((stage_params, stage_consts)), mesh, P(AXIS))
+    shared_params, inputs, consts = _place((shared_params, inputs, consts), mesh, P())
+
+    def body(slot_params, shared_params, slot_consts, inputs, consts):
+        squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
+        return _rank_program(plan, stage_fn, x_aval, squeeze(slot_params), shared_params,
+                             squeeze(slot_consts), inputs, consts)
+
+    # check_vma=False: values are replicated or varying by construction (the loop carry starts
+    # replicated and becomes per-rank), and nothing here is differentiated through the shard_map.
+    run = jax.shard_map(body, mesh=mesh, in_specs=(P(AXIS), P(), P(AXIS), P(), P()),
+                        out_specs=(P(), P(AXIS), P(), P(AXIS)), axis_names={AXIS}, check_vma=False)
+    loss, slot_grads, shared_grads, slot_stats = run(slot_params, shared_params, slot_consts, inputs, consts)
+    flat_modules = modules.reshape(-1)
+
+    def sum_copies(a):  # [P, K, ...] -> [S, ...]
+        a = _place(a, mesh, P())
+        return jnp.zeros((schedule.num_stages,) + a.shape[2:], a.dtype).at[flat_modules].add(
+            a.reshape((-1,) + a.shape[2:]))
+
+    return PipelineResult(loss=loss, grads={"stage": jax.tree.map(sum_copies, slot_grads), "shared": shared_grads},
+                          stats=jax.tree.map(sum_copies, slot_stats))

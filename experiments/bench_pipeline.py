@@ -1,0 +1,212 @@
+"""Lock-step idle time and activation memory of the shard_map pipeline executor, per schedule.
+
+For GPipe, 1F1B, ZB-H1, DualPipe and DualPipeV on 8 simulated CPU devices, running a small
+DeepSeek-V3 (1 dense + 16 MoE layers, MTP depth 1) with M = 16 micro-batches:
+
+  op costs            F, B, I and W of one stage, each compiled and timed alone on one device, at the
+                      first, a middle and the last stage (the first adds the embedding and the dense
+                      layer, the last the head, MTP and losses); an overlapped F&B pair costs F + B
+                      (CPU runs the pair's halves one after the other);
+  lock-step idle      the executor's tick table (latency 1: sends overlap the next tick) costed with
+                      those numbers: a tick lasts as long as its slowest rank's op, so
+                      idle = 1 - sum(busy) / (P * sum over ticks of the slowest op);
+  ideal bubble        the simulator's asynchronous bubble with the middle-stage costs
+                      (mean over ranks of bubble / total time), the schedule's own lower bound;
+  memory              `compiled.memory_analysis()` of the whole pipelined gradient program (per
+                      device: temporaries, which hold the activation stash and every other buffer),
+                      and the executor's stash (residuals kept from F to B/W) computed from its shape.
+
+CPU XLA runs collective-permutes synchronously, so communication overlap is not measured here.
+Writes experiments/results/bench_pipeline.{json,md}. Run: python experiments/bench_pipeline.py
+(about 6 minutes on 2 cores).
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from deepseek_jax import defaults  # noqa: E402
+from deepseek_jax.model import functional  # noqa: E402
+from deepseek_jax.model.config import ModelConfig  # noqa: E402
+from deepseek_jax.model.transformer import default_positions  # noqa: E402
+from deepseek_jax.parallel.pipeline import execute, schedules, stages  # noqa: E402
+from deepseek_jax.parallel.pipeline.backward_split import split_stage  # noqa: E402
+from deepseek_jax.parallel.pipeline.schedules import Kind  # noqa: E402
+from deepseek_jax.parallel.pipeline.simulate import CostModel, simulate  # noqa: E402
+from deepseek_jax.parallel.pipeline.tables import build_plan  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_OUT_DIR = flags.DEFINE_string("out_dir", str(ROOT / "experiments" / "results"), "Where to write the results.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed runs per op (the median is kept).")
+
+RANKS, MICROBATCHES, ROWS, LENGTH = 8, 16, 2, 64
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def model_config() -> tuple[ModelConfig, object]:
+    c = defaults.load_config(str(ROOT / "configs" / "tiny.py") + ":mtp=1")
+    c.model.update(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=17,
+                   num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                   qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_group=4, topk_group=2,
+                   num_experts_per_tok=2, max_position_embeddings=LENGTH)
+    return ModelConfig.from_dict(c.model), c.train
+
+
+def batch_for(cfg: ModelConfig):
+    tokens = jax.random.randint(jax.random.key(1), (ROWS * MICROBATCHES, LENGTH), 0, cfg.vocab_size)
+    return {"tokens": tokens, "positions": default_positions(tokens), "segment_ids": jnp.ones_like(tokens)}
+
+
+def _median_seconds(fn, *args) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(_REPEATS.value):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def op_costs(cfg, train_cfg, variables, num_stages: int) -> dict:
+    """{kind: {'first'|'middle'|'last': seconds}} for one stage of `num_stages`, timed alone."""
+    stage_params, shared, stage_routing, shared_routing = stages.split_variables(
+        variables["params"], variables["routing"], num_stages)
+    stage_fn = stages.make_stage_fn(cfg, num_stages, 1.0 / MICROBATCHES, train_cfg.balance_alpha)
+    batch = jax.tree.map(lambda a: a[:ROWS], batch_for(cfg))
+    consts = {"routing": shared_routing, "main_count": jnp.float32(ROWS * LENGTH),
+              "mtp_counts": jnp.full((cfg.num_nextn_predict_layers,), float(ROWS * LENGTH)),
+              "mtp_weight": jnp.float32(0.3)}
+    x = jnp.ones((ROWS, LENGTH, cfg.hidden_size), jnp.float32) * 0.1
+    costs = {k: {} for k in "FBIW"}
+    ctx_of = lambda s: execute.StageContext(batch, jnp.int32(s), jax.tree.map(lambda a: a[s], stage_routing),  # noqa: E731
+                                            consts)
+    params_of = lambda s: {"stage": jax.tree.map(lambda a: a[s], stage_params), "shared": shared}  # noqa: E731
+    split = split_stage(stage_fn, params_of(0), x, ctx_of(0))
+    forward = jax.jit(split.forward)
+    backward = jax.jit(split.backward)
+    input_grad = jax.jit(split.input_grad)
+    weight_grad = jax.jit(split.weight_grad)
+    for where, s in (("first", 0), ("middle", num_stages // 2), ("last", num_stages - 1)):
+        params, ctx = params_of(s), ctx_of(s)
+        _, _, stash = forward(params, x, ctx)
+        _, wstash = input_grad(params, ctx, stash, x)
+        costs["F"][where] = _median_seconds(forward, params, x, ctx)
+        costs["B"][where] = _median_seconds(backward, params, ctx, stash, x)
+        costs["I"][where] = _median_seconds(input_grad, params, ctx, stash, x)
+        costs["W"][where] = _median_seconds(weight_grad, params, ctx, stash, wstash)
+    return costs
+
+
+def lockstep(schedule, latency: int, costs: dict) -> dict:
+    """Idle fraction of the lock-step tick table (hops take `latency` ticks) with per-stage op costs."""
+    where = lambda s: "first" if s == 0 else "last" if s == schedule.num_stages - 1 else "middle"  # noqa: E731
+    kind = {Kind.FORWARD: "F", Kind.BACKWARD: "B", Kind.INPUT_GRAD: "I", Kind.WEIGHT_GRAD: "W"}
+    from deepseek_jax.parallel.pipeline.simulate import tick_table
+
+    total, busy = 0.0, np.zeros(schedule.num_ranks)
+    ticks = tick_table(schedule, latency)
+    for row in ticks:
+        tick = [sum(costs[kind[h.kind]][where(h.stage)] for h in op.halves()) if op else 0.0 for op in row]
+        total += max(tick)
+        busy += tick
+    return {"ticks": len(ticks), "seconds": total, "idle_fraction": float(1 - busy.sum() / (schedule.num_ranks * total))}
+
+
+def ideal_bubble(schedule, costs: dict) -> float:
+    c = {k: costs[k]["middle"] for k in "FBIW"}
+    timeline = simulate(schedule, CostModel(forward=c["F"], backward=c["B"], weight_grad=c["W"],
+                                            input_grad=c["I"], overlapped=c["F"] + c["B"]))
+    return float(np.mean(timeline.bubble) / timeline.total_time)
+
+
+def memory(cfg, train_cfg, variables, plan) -> dict:
+    """Per-device memory of the compiled pipelined gradient program, and the stash's share."""
+    mesh = execute.make_stage_mesh(RANKS)
+    batch = batch_for(cfg)
+    step = jnp.int32(0)
+    fn = jax.jit(lambda p, r, b: stages.pipelined_grads(p, r, b, step, cfg=cfg, train_cfg=train_cfg, plan=plan,
+                                                        mesh=mesh))
+    start = time.perf_counter()
+    compiled = fn.lower(variables["params"], variables["routing"], batch).compile(FAST_COMPILE)
+    seconds = time.perf_counter() - start
+    stats = compiled.memory_analysis()
+    # The stash entry's size, from the split of one stage (what the executor allocates per slot).
+    S = plan.schedule.num_stages
+    stage_params, shared, stage_routing, shared_routing = stages.split_variables(
+        variables["params"], variables["routing"], S)
+    stage_fn = stages.make_stage_fn(cfg, S, 1.0 / MICROBATCHES, train_cfg.balance_alpha)
+    mb = jax.tree.map(lambda a: a[:ROWS], batch)
+    ctx = execute.StageContext(mb, jnp.int32(0), jax.tree.map(lambda a: a[0], stage_routing),
+                               {"routing": shared_routing, "main_count": jnp.float32(1), "mtp_counts": jnp.ones((1,)),
+                                "mtp_weight": jnp.float32(0.3)})
+    split = split_stage(stage_fn, {"stage": jax.tree.map(lambda a: a[0], stage_params), "shared": shared},
+                        jnp.zeros((ROWS, LENGTH, cfg.hidden_size)), ctx)
+    entry = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in split.stash_avals)
+    return {"compile_seconds": seconds, "temp_bytes": stats.temp_size_in_bytes,
+            "argument_bytes": stats.argument_size_in_bytes, "output_bytes": stats.output_size_in_bytes,
+            "stash_slots": plan.num_stash, "stash_entry_bytes": entry, "stash_bytes": plan.num_stash * entry}
+
+
+def main(argv) -> None:
+    del argv
+    started = time.perf_counter()
+    cfg, train_cfg = model_config()
+    variables = functional.init(cfg, jax.random.key(0))
+    costs = {}
+    rows = []
+    for name in ("gpipe", "1f1b", "zb_h1", "dualpipe", "dualpipev"):
+        schedule = schedules.make_schedule(name, RANKS, MICROBATCHES)
+        S = schedule.num_stages
+        if S not in costs:
+            costs[S] = op_costs(cfg, train_cfg, variables, S)
+            print(f"op costs with {S} stages (ms):",
+                  {k: {w: round(1e3 * v, 2) for w, v in c.items()} for k, c in costs[S].items()}, flush=True)
+        plan = build_plan(schedule)
+        unbuffered = lockstep(schedule, 0, costs[S])
+        row = {"schedule": name, "stages": S, **lockstep(schedule, plan.latency, costs[S]),
+               "ticks_latency0": unbuffered["ticks"], "idle_fraction_latency0": unbuffered["idle_fraction"],
+               "ideal_bubble_fraction": ideal_bubble(schedule, costs[S]),
+               "simulated_peak_activations": max(simulate(schedule, CostModel()).peak_activations),
+               **memory(cfg, train_cfg, variables, plan)}
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    out = pathlib.Path(_OUT_DIR.value)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"ranks": RANKS, "microbatches": MICROBATCHES, "rows_per_microbatch": ROWS, "length": LENGTH,
+              "model": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "n_routed_experts",
+                                                       "num_nextn_predict_layers", "vocab_size")},
+              "op_cost_seconds": {str(k): v for k, v in costs.items()}, "schedules": rows,
+              "device": jax.devices()[0].device_kind, "seconds": time.perf_counter() - started}
+    (out / "bench_pipeline.json").write_text(json.dumps(result, indent=2))
+    lines = [f"Pipeline executor on {RANKS} simulated CPU devices, M = {MICROBATCHES} micro-batches of "
+             f"{ROWS} x {LENGTH} tokens, DeepSeek-V3 micro model (1 dense + 16 MoE layers, MTP 1).", "",
+             "| schedule | stages | ticks | lock-step idle | ticks, latency 0 | idle, latency 0 | ideal async bubble | "
+             "stash slots (sim. peak) | stash MiB | compiled temp MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['schedule']} | {r['stages']} | {r['ticks']} | {r['idle_fraction']:.1%} | "
+                     f"{r['ticks_latency0']} | {r['idle_fraction_latency0']:.1%} | {r['ideal_bubble_fraction']:.1%} | {r['stash_slots']} ({r['simulated_peak_activations']}) | "
+                     f"{r['stash_bytes'] / 2**20:.2f} | {r['temp_bytes'] / 2**20:.2f} |")
+    lines += ["", "Lock-step idle: the executor's tick table (a hop to a neighbour takes one tick, hidden behind "
+              "the next tick's compute on GPU/TPU) with each tick as long as its slowest rank's op, op costs "
+              "timed alone per stage position. Latency 0: the executor's unbuffered mode (send after compute, "
+              "consumer runs the next tick; no overlap), i.e. the cost of lock-step alone. Ideal async bubble: the simulator with middle-stage costs "
+              "(mean idle share of a rank). Stash: residuals kept from F to B/W, per rank (`sim. peak`: the "
+              "simulator's peak activation units with its default costs). Memory per device from "
+              "`compiled.memory_analysis()`."]
+    (out / "bench_pipeline.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    app.run(main)

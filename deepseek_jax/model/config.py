@@ -16,7 +16,7 @@ from flax.core import FrozenDict
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
-MOE_DISPATCHES = ("dense", "ragged")
+MOE_DISPATCHES = ("dense", "ragged", "gather")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("yarn",)
 
@@ -56,7 +56,7 @@ class ModelConfig:
     num_nextn_predict_layers: int
     # --- ours ---
     dtype: str = "float32"  # Compute dtype; params are always float32.
-    moe_dispatch: str = "ragged"  # 'dense' (reference) or 'ragged' (sort + ragged_dot).
+    moe_dispatch: str = "ragged"  # 'dense' (reference), 'ragged' (sort + ragged_dot), 'gather' (decoding).
     remat: str = "none"  # Backward recomputation policy, see model/remat.py.
 
     def __post_init__(self) -> None:

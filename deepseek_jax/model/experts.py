@@ -7,6 +7,8 @@ Every strategy computes y_n = sum_k w_{n,k} * SwiGLU_{e_{n,k}}(x_n) exactly (no 
 - `dense`: every expert on every token, then a weighted combine. O(N*E) work; the reference.
 - `ragged`: sort the M pairs by expert, run each expert on its contiguous rows with
   `jax.lax.ragged_dot` (a grouped GEMM), scatter back. O(N*K) work.
+- `gather`: each token gathers its K experts' weights and multiplies them directly. O(N*K) work and
+  weight reads: the decoding strategy (infer/ uses it when N*K <= E).
 """
 
 from __future__ import annotations
@@ -62,7 +64,19 @@ def ragged_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.
     return jnp.einsum("NK,NKD->ND", weights_NK.astype(unsorted.dtype), unsorted).astype(x_ND.dtype)
 
 
-DISPATCH: dict[str, Callable[..., jnp.ndarray]] = {"dense": dense_dispatch, "ragged": ragged_dispatch}
+def gather_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray,
+                    w: ExpertWeights) -> jnp.ndarray:
+    """Each token gathers its K experts' weights: O(N*K*D*F) reads, no sort. For a few tokens at a time
+    (decoding, N*K <= E), where touching every expert's weights is the cost. Returns [N, D] in x's dtype."""
+    gate, up, down = w
+    gate_NKF = jnp.einsum("ND,NKDF->NKF", x_ND, gate[indices_NK])
+    up_NKF = jnp.einsum("ND,NKDF->NKF", x_ND, up[indices_NK])
+    out_NKD = jnp.einsum("NKF,NKFD->NKD", nn.silu(gate_NKF) * up_NKF, down[indices_NK])
+    return jnp.einsum("NK,NKD->ND", weights_NK.astype(out_NKD.dtype), out_NKD).astype(x_ND.dtype)
+
+
+DISPATCH: dict[str, Callable[..., jnp.ndarray]] = {"dense": dense_dispatch, "ragged": ragged_dispatch,
+                                                   "gather": gather_dispatch}
 
 
 class RoutedExperts(nn.Module):

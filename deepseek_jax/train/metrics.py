@@ -73,7 +73,8 @@ def plot_losses(csv_path: str, png_path: str, title: str = "") -> None:
     step = columns["step"]
     for name, style in (("loss", "-"), ("main_loss", "-"), ("mtp_loss", "--")):
         if name in columns:
-            ax.plot(step, columns[name], style, label=f"train {name} (nats)")
+            logged = ~np.isnan(columns[name])  # Validation rows share steps but leave these cells empty.
+            ax.plot(step[logged], columns[name][logged], style, label=f"train {name} (nats)")
     if "eval_bpb" in columns:
         mask = ~np.isnan(columns["eval_bpb"])
         ax.plot(step[mask], columns["eval_bpb"][mask], "o-", label="validation bits/byte")

@@ -274,3 +274,28 @@ def test_command_line_import_then_export(checkpoints, tmp_path):
     convert.workdir_to_hf(str(workdir), str(out), dtype="float8_e4m3fn")
     assert_identical(all_tensors(path), all_tensors(out))
     assert (out / "tokenizer.json").read_text() == "{}"
+
+
+def test_generate_command_on_a_hugging_face_checkpoint_matches_transformers_greedy(tmp_path):
+    """`python -m deepseek_jax.generate --hf_path=...` (cached, absorbed MLA, streamed) prints the same
+    greedy continuation as a token-by-token argmax loop over transformers' full forward."""
+    cfg = model_config(hidden_size=64, num_nextn_predict_layers=1)
+    rng = np.random.default_rng(3)
+    variables = jax.tree_util.tree_map_with_path(  # Strong random weights: a clear argmax at every step.
+        lambda p, s: rng.normal(1.0 if "scale" in jax.tree_util.keystr(p) else 0.0, 0.3, s.shape).astype(np.float32),
+        model.abstract_variables(cfg))
+    convert.save_checkpoint(cfg, variables, str(tmp_path))
+    prompt, new = "def", 12
+    tokens = torch.tensor([list(prompt.encode())])
+    hf = CLASSES["v3"][1].from_pretrained(str(tmp_path), attn_implementation="eager",
+                                          experts_implementation="eager").eval()
+    with torch.no_grad():
+        for _ in range(new):
+            tokens = torch.cat([tokens, hf(tokens).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    want = bytes(t for t in tokens[0, len(prompt):].tolist() if t < 256).decode(errors="replace")
+    run = subprocess.run([sys.executable, "-m", "deepseek_jax.generate", f"--hf_path={tmp_path}",
+                          "--config=configs/tiny.py", f"--prompt={prompt}", f"--max_new_tokens={new}",
+                          "--nostop_at_eos"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout == prompt + want + "\n"
+    assert f"Generating with {tmp_path}" in run.stderr and f"{new} tokens in" in run.stderr

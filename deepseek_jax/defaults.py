@@ -58,6 +58,14 @@ def parallel_config() -> ml_collections.ConfigDict:
     c.stage = 1  # Pipeline ranks (devices on the 'stage' mesh axis); 1 = no pipeline.
     c.pipeline = "dualpipe"  # Schedule: gpipe, 1f1b, zb_h1, dualpipe or dualpipev.
     c.microbatches = 8  # Micro-batches per step (data.batch_size must be a multiple).
+    # stage x data x expert x tensor must equal the device count (of all processes).
+    c.data = 1  # Data-parallel ranks; the optimizer state is sharded over them (ZeRO-1).
+    c.expert = 1  # Expert-parallel ranks: routed experts split over them, tokens sent by all-to-all; the
+    # batch is sharded over data x expert.
+    c.tensor = 1  # Tensor-parallel ranks for attention heads, dense MLP widths and the vocabulary.
+    c.capacity_factor = 0.0  # Expert parallelism: per-device buffer = factor x fair share; 0 = dropless.
+    c.node_limit = 0  # Node-limited routing: each token's experts on at most this many device groups ...
+    c.nodes = 0  # ... of this many (0 = one group per expert-parallel rank). V3: 4 of 8 nodes.
     return c
 
 

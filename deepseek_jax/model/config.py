@@ -16,9 +16,12 @@ from flax.core import FrozenDict
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
-MOE_DISPATCHES = ("dense", "ragged", "gather")
+MOE_DISPATCHES = ("dense", "ragged", "gather", "ep")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("yarn",)
+# Fields that choose how the model is computed or routed at run time, not which weights it has: a checkpoint
+# may be resumed or loaded with other values.
+RUNTIME_FIELDS = ("dtype", "moe_dispatch", "remat", "moe_capacity_factor", "node_groups", "node_limit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +59,11 @@ class ModelConfig:
     num_nextn_predict_layers: int
     # --- ours ---
     dtype: str = "float32"  # Compute dtype; params are always float32.
-    moe_dispatch: str = "ragged"  # 'dense' (reference), 'ragged' (sort + ragged_dot), 'gather' (decoding).
+    moe_dispatch: str = "ragged"  # 'dense' (reference), 'ragged' (sort + ragged_dot), 'gather' (decoding),
+    # 'ep' (expert parallelism: all-to-all over the mesh's 'expert' axis, parallel/expert_parallel.py).
+    moe_capacity_factor: float = 0.0  # 'ep' only: per-device buffer = factor x fair share; 0 = dropless.
+    node_groups: int = 0  # Node-limited routing: the experts form this many contiguous device groups ...
+    node_limit: int = 0  # ... and each token uses experts on at most this many of them (0 = no limit).
     remat: str = "none"  # Backward recomputation policy, see model/remat.py.
 
     def __post_init__(self) -> None:
@@ -171,8 +178,28 @@ def _validate_routing(cfg: ModelConfig) -> None:
               "set topk_group = n_group, or use 'group_limited_greedy' / 'noaux_tc'")
     if not cfg.routed_scaling_factor > 0:
         _fail("routed_scaling_factor", f"must be > 0, got {cfg.routed_scaling_factor}", "use e.g. 1.0 or 2.5")
+    _validate_node_limit(cfg)
+    if not cfg.moe_capacity_factor >= 0:
+        _fail("moe_capacity_factor", f"must be >= 0, got {cfg.moe_capacity_factor}", "use 0 (dropless) or e.g. 1.25")
+    if cfg.moe_capacity_factor and cfg.moe_dispatch != "ep":
+        _fail("moe_capacity_factor", f"{cfg.moe_capacity_factor} needs moe_dispatch='ep' (got "
+              f"{cfg.moe_dispatch!r}); the other dispatches never drop", "use 0, or expert parallelism")
     if cfg.moe_dispatch not in MOE_DISPATCHES:
         _fail("moe_dispatch", f"{cfg.moe_dispatch!r} is not a dispatch strategy", f"use one of {MOE_DISPATCHES}")
+
+
+def _validate_node_limit(cfg: ModelConfig) -> None:
+    """Node-limited routing (V3 section 2.1.2): at most `node_limit` of `node_groups` groups per token, each
+    group scored by the sum of its K / node_limit highest affinities."""
+    if not cfg.node_limit and not cfg.node_groups:
+        return
+    E, K, groups, limit = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.node_groups, cfg.node_limit
+    if not (isinstance(groups, int) and groups >= 2 and E % groups == 0):
+        _fail("node_groups", f"{groups!r} must be >= 2 and divide the {E} routed experts",
+              "use the number of expert-parallel device groups (parallel.expert), or 0 with node_limit=0")
+    if not (isinstance(limit, int) and 1 <= limit < groups and K % limit == 0 and K // limit <= E // groups):
+        _fail("node_limit", f"{limit!r} must be in [1, node_groups={groups}), divide num_experts_per_tok={K}, "
+              f"and leave K / node_limit <= {E // groups} experts per group", "use e.g. 4 of 8 groups for K=8")
 
 
 def validate(cfg: ModelConfig) -> ModelConfig:

@@ -80,7 +80,10 @@ DISPATCH: dict[str, Callable[..., jnp.ndarray]] = {"dense": dense_dispatch, "rag
 
 
 class RoutedExperts(nn.Module):
-    """The E routed SwiGLU experts as stacked kernels; x [N, D] -> [N, D]."""
+    """The E routed SwiGLU experts as stacked kernels; x [N, D] -> (y [N, D], dropped pairs: float32 scalar).
+
+    Only 'ep' with a capacity factor can drop; it needs the mesh in context (parallel/expert_parallel.py).
+    """
 
     cfg: ModelConfig
 
@@ -91,9 +94,15 @@ class RoutedExperts(nn.Module):
         init = nn.initializers.normal(0.02)
         param = lambda name, shape, axes: self.param(  # noqa: E731
             name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
-        gate = param("gate_proj", (E, D, F), ("expert", "embed", "mlp"))
-        up = param("up_proj", (E, D, F), ("expert", "embed", "mlp"))
-        down = param("down_proj", (E, F, D), ("expert", "mlp", "embed"))
+        gate = param("gate_proj", (E, D, F), ("expert", "embed", "expert_mlp"))
+        up = param("up_proj", (E, D, F), ("expert", "embed", "expert_mlp"))
+        down = param("down_proj", (E, F, D), ("expert", "expert_mlp", "embed"))
         dtype = compute_dtype(cfg)
         w = (gate.astype(dtype), up.astype(dtype), down.astype(dtype))
-        return DISPATCH[cfg.moe_dispatch](x_ND.astype(dtype), weights_NK, indices_NK, w)
+        if cfg.moe_dispatch == "ep":
+            from deepseek_jax.parallel import expert_parallel  # Local: model/ needs parallel/ for EP only.
+
+            return expert_parallel.ep_dispatch(x_ND.astype(dtype), weights_NK, indices_NK, w,
+                                               capacity_factor=cfg.moe_capacity_factor)
+        y = DISPATCH[cfg.moe_dispatch](x_ND.astype(dtype), weights_NK, indices_NK, w)
+        return y, jnp.zeros((), jnp.float32)

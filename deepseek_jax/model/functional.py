@@ -23,6 +23,8 @@ def _dummy_tokens(batch: int = 1, length: int = 2) -> jnp.ndarray:
 
 
 def _boxed_init(cfg: ModelConfig, key: jax.Array) -> Variables:
+    if cfg.moe_dispatch == "ep":  # Same variables; initialising needs no mesh (nor a batch to shard).
+        cfg = cfg.replace(moe_dispatch="ragged", moe_capacity_factor=0.0)
     variables = DeepSeekV3(cfg).init(key, _dummy_tokens())
     return {"params": variables["params"], "routing": variables.get("routing", {})}
 

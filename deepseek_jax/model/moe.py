@@ -52,11 +52,23 @@ def select_experts(scores_NE: jnp.ndarray, bias_E: jnp.ndarray | None, cfg: Mode
         group_kept = jnp.zeros((N, cfg.n_group), bool).at[jnp.arange(N)[:, None], top_groups].set(True)
         expert_kept = jnp.repeat(group_kept, E // cfg.n_group, axis=-1)
         choice = jnp.where(expert_kept, choice, -jnp.inf)
+    if cfg.node_limit:
+        choice = limit_to_nodes(choice, cfg.node_groups, cfg.node_limit, cfg.num_experts_per_tok // cfg.node_limit)
     _, indices = jax.lax.top_k(choice, cfg.num_experts_per_tok)
     weights = jnp.take_along_axis(scores_NE, indices, axis=-1)
     if cfg.norm_topk_prob:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
     return weights * cfg.routed_scaling_factor, indices.astype(jnp.int32)
+
+
+def limit_to_nodes(choice_NE: jnp.ndarray, groups: int, limit: int, per_group: int) -> jnp.ndarray:
+    """Node-limited routing: `choice` with -inf outside each token's `limit` best of `groups` contiguous
+    expert groups (one per device group), a group scored by the sum of its `per_group` highest choices."""
+    N, E = choice_NE.shape
+    grouped = choice_NE.reshape(N, groups, E // groups)
+    _, best = jax.lax.top_k(jax.lax.top_k(grouped, per_group)[0].sum(axis=-1), limit)
+    kept = jnp.zeros((N, groups), bool).at[jnp.arange(N)[:, None], best].set(True)
+    return jnp.where(jnp.repeat(kept, E // groups, axis=-1), choice_NE, -jnp.inf)
 
 
 def sequence_balance_loss(scores_BTE: jnp.ndarray, indices_BTK: jnp.ndarray, valid_BT: jnp.ndarray
@@ -100,8 +112,9 @@ class Gate(nn.Module):
 class MoE(nn.Module):
     """x [B, T, D] -> (y [B, T, D], stats).
 
-    stats: 'expert_counts' [E] float32 (tokens routed to each expert, padding excluded) and
-    'balance_loss' scalar (the un-weighted sequence-wise balance loss).
+    stats: 'expert_counts' [E] float32 (tokens routed to each expert, padding excluded),
+    'balance_loss' scalar (the un-weighted sequence-wise balance loss) and 'dropped' scalar ((token, expert)
+    pairs over the expert-parallel capacity, padding included; always 0 when dropless).
     """
 
     cfg: ModelConfig
@@ -113,7 +126,7 @@ class MoE(nn.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         weights, indices, scores = Gate(cfg, name="gate")(x_ND)
-        routed = experts_lib.RoutedExperts(cfg, name="experts")(x_ND, weights, indices)
+        routed, dropped = experts_lib.RoutedExperts(cfg, name="experts")(x_ND, weights, indices)
         y = routed.reshape(B, T, D)
         if cfg.n_shared_experts:
             shared = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts, matmul=self.matmul,
@@ -125,5 +138,6 @@ class MoE(nn.Module):
             "expert_counts": counts,
             "balance_loss": sequence_balance_loss(
                 scores.reshape(B, T, -1), indices.reshape(B, T, -1), valid_BT),
+            "dropped": dropped,
         }
         return y.astype(x_BTD.dtype), stats

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.model.config import RUNTIME_FIELDS, ModelConfig
 
 
 class CheckpointError(ValueError):
@@ -90,7 +90,7 @@ def check_model_config(saved: dict, current: ModelConfig, where: str) -> None:
     """Raises CheckpointError listing every model field that differs from the saved one."""
     now = current.to_dict()
     diffs = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-             if k not in ("dtype", "moe_dispatch", "remat") and saved.get(k) != now.get(k)}
+             if k not in RUNTIME_FIELDS and saved.get(k) != now.get(k)}
     if diffs:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
         raise CheckpointError(f"checkpoint {where} was written by a different model ({lines}). "

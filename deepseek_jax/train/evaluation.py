@@ -16,6 +16,7 @@ from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.train import checkpoint as checkpoint_lib
 from deepseek_jax.train import step as step_lib
 from deepseek_jax.train.optimizer import make_optimizer
+from deepseek_jax.train.placement import host_value
 from deepseek_jax.train.precision import matmul_for
 from deepseek_jax.train.validation import validate_run_config
 
@@ -26,19 +27,20 @@ def model_inputs(batch: dict) -> dict:
 
 
 def evaluate(cfg: ModelConfig, variables: dict, data_cfg: ml_collections.ConfigDict, max_batches: int,
-             eval_fn=None, corpus=None) -> dict[str, float]:
+             eval_fn=None, corpus=None, place=model_inputs) -> dict[str, float]:
     """{'loss' (nats/token), 'bpb' (bits per byte), 'tokens'} over up to `max_batches` (0 = all).
 
-    Pass `corpus` (pipeline.load_corpus) to avoid re-reading the documents on every evaluation.
+    Pass `corpus` (pipeline.load_corpus) to avoid re-reading the documents on every evaluation, and
+    `place` to put each global batch where `eval_fn` wants it (e.g. sharded over a mesh).
     """
     eval_fn = eval_fn or jax.jit(functools.partial(step_lib.eval_step, cfg=cfg))
     nll = tokens = num_bytes = 0.0
     for i, batch in enumerate(pipeline.make_eval_iterator(data_cfg, corpus=corpus)):
         if max_batches and i >= max_batches:
             break
-        out = eval_fn(variables["params"], variables["routing"], model_inputs(batch))
-        nll += float(out["nll"])
-        tokens += float(out["tokens"])
+        out = eval_fn(variables["params"], variables["routing"], place(batch))
+        nll += float(host_value(out["nll"]))
+        tokens += float(host_value(out["tokens"]))
         num_bytes += float(np.sum(batch["num_bytes"]))
     if not tokens:
         raise ValueError("the validation split produced no tokens to score; add validation data.")

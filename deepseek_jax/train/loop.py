@@ -9,6 +9,7 @@ config.json, summary.json.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -21,18 +22,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from deepseek_jax.data import pipeline, tokenizers
 from deepseek_jax.infer.uncached import generate_uncached
 from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.train import checkpoint as checkpoint_lib
+from deepseek_jax.train import placement
 from deepseek_jax.train import step as step_lib
 from deepseek_jax.train.ema import HostEMA
 from deepseek_jax.train.evaluation import evaluate, model_inputs
 from deepseek_jax.train.metrics import MetricWriter, plot_losses
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.precision import matmul_for
-from deepseek_jax.train.validation import validate_run_config
+from deepseek_jax.train.validation import training_model_config, validate_run_config
 
 
 class TrainingStopped(RuntimeError):
@@ -68,9 +73,9 @@ def sample_text(cfg: ModelConfig, variables: dict, data_cfg: ml_collections.Conf
 class _Progress:
     """The progress bar and the host-side bookkeeping of one step's metrics."""
 
-    def __init__(self, start: int, total: int, tokens_per_step: int):
+    def __init__(self, start: int, total: int, tokens_per_step: int, enabled: bool = True):
         self.bar = tqdm.tqdm(initial=start, total=total, desc="train", unit="step", mininterval=1.0,
-                             dynamic_ncols=True)
+                             dynamic_ncols=True, disable=not enabled)
         self.tokens_per_step = tokens_per_step
         self.last_time = time.perf_counter()
         self.tokens_per_second = 0.0
@@ -86,12 +91,19 @@ class _Progress:
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
 
+    def write(self, line: str) -> None:
+        if not self.bar.disable:
+            self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+
 
 def make_step(config: ml_collections.ConfigDict, cfg: ModelConfig, tx, matmul):
     """The (state, batch) -> (state, metrics) step: pipelined over `parallel.stage` ranks, or not."""
     p = config.parallel if "parallel" in config else None
     if p is not None and p.stage > 1:
-        from deepseek_jax.parallel.pipeline import stages  # Local: only pipelined runs build a mesh.
+        from deepseek_jax.parallel.pipeline import stages  # Local: only pipelined runs build a stage mesh.
 
         return stages.make_pipelined_step(cfg, config.train, tx, p.pipeline, p.stage, p.microbatches, matmul)
     return functools.partial(step_lib.train_step, cfg=cfg, train_cfg=config.train, tx=tx, matmul=matmul)
@@ -99,20 +111,25 @@ def make_step(config: ml_collections.ConfigDict, cfg: ModelConfig, tx, matmul):
 
 def start_from_converted(state: step_lib.TrainState, converted_workdir: str, cfg: ModelConfig,
                          tx) -> step_lib.TrainState:
-    """The state with the weights (and balancing biases) of a converted checkpoint, fresh optimizer."""
+    """The state with the weights (and balancing biases) of a converted checkpoint, fresh optimizer,
+    laid out like `state`."""
     from deepseek_jax import convert  # Local: only fine-tuning runs need safetensors and the converter.
 
     saved_cfg, variables = convert.load_workdir(converted_workdir)
     checkpoint_lib.check_model_config(saved_cfg.to_dict(), cfg, converted_workdir)
     print(f"Starting from the converted checkpoint in {converted_workdir}.")
-    return state.replace(params=variables["params"], routing=variables["routing"],
-                         opt_state=jax.jit(tx.init)(variables["params"]))
+    shardings = jax.tree.map(lambda a: a.sharding, state)
+    params = jax.device_put(jax.device_get(variables["params"]), shardings.params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    return state.replace(params=params, opt_state=opt_state,
+                         routing=jax.device_put(jax.device_get(variables["routing"]), shardings.routing))
 
 
 def _to_host(metrics: dict) -> dict[str, float]:
     """Scalars as floats; a per-layer vector `name` becomes columns name_0, name_1, ..."""
     host = {}
-    for name, value in jax.device_get(metrics).items():
+    for name, value in metrics.items():
+        value = placement.host_value(value)
         if np.ndim(value) == 0:
             host[name] = float(value)
         else:
@@ -120,16 +137,72 @@ def _to_host(metrics: dict) -> dict[str, float]:
     return host
 
 
+class _Placement:
+    """The run's devices: the mesh of `config.parallel`, the state's shardings, and moving batches and
+    variables where the jitted functions want them."""
+
+    def __init__(self, config: ml_collections.ConfigDict, cfg: ModelConfig, tx):
+        p = config.parallel
+        self.pipelined = p.stage > 1
+        self.mesh = None if self.pipelined else mesh_lib.make_mesh(p)
+        self.state_shardings = None if self.pipelined else placement.state_shardings(cfg, tx, self.mesh)
+        self.rows = mesh_lib.process_rows(config.data.batch_size)
+
+    def context(self):
+        """The mesh in context for tracing (the expert dispatch finds it there)."""
+        return contextlib.nullcontext() if self.pipelined else jax.set_mesh(self.mesh)
+
+    def init_state(self, cfg: ModelConfig, tx, key: jax.Array) -> step_lib.TrainState:
+        if self.pipelined:
+            return step_lib.init_state(cfg, tx, key)
+        return placement.init_sharded_state(cfg, tx, key, self.mesh)
+
+    def batch(self, batch: dict) -> dict:
+        """This process's rows of a global data batch, as global arrays sharded over the batch axes."""
+        inputs = {k: np.asarray(batch[k])[self.rows] for k in ("tokens", "segment_ids", "positions")}
+        return model_inputs(inputs) if self.pipelined else mesh_lib.shard_batch(inputs, self.mesh)
+
+    def jit_step(self, step, donate: bool):
+        donate_argnums = (0,) if donate else ()
+        if self.pipelined:
+            return jax.jit(step, donate_argnums=donate_argnums)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.jit(step, in_shardings=(self.state_shardings, mesh_lib.batch_sharding(self.mesh)),
+                       out_shardings=(self.state_shardings, replicated), donate_argnums=donate_argnums)
+
+    def jit_eval(self, eval_step):
+        if self.pipelined:
+            return jax.jit(eval_step)
+        s = self.state_shardings
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.jit(eval_step, in_shardings=(s.params, s.routing, mesh_lib.batch_sharding(self.mesh)),
+                       out_shardings=replicated)
+
+    def on_one_device(self, tree):
+        """`tree` gathered onto this process's first device, for sampling (which runs un-sharded; a
+        pipelined step leaves the state on its Explicit 'stage' mesh, where ragged_dot has no rule)."""
+        if jax.process_count() > 1:
+            tree = multihost_utils.process_allgather(tree, tiled=True)
+        return jax.device_put(tree, jax.local_devices()[0])
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains `config` in `workdir` (resuming if it holds checkpoints). Returns the run summary."""
-    cfg = validate_run_config(config)
+    """Trains `config` in `workdir` (resuming if it holds checkpoints). Returns the run summary.
+
+    With several processes (`parallel/distributed.py`) every process runs this; process 0 alone writes
+    the metrics, plots, config and summary, and all of them write their shards of each checkpoint.
+    """
+    cfg = training_model_config(config, validate_run_config(config))
     t = config.train
+    lead = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if lead:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
     tx = make_optimizer(t)
-    state = step_lib.init_state(cfg, tx, jax.random.key(config.seed))
+    devices = _Placement(config, cfg, tx)
+    state = devices.init_state(cfg, tx, jax.random.key(config.seed))
     ema = HostEMA(state.params, t.ema_decay) if t.ema_decay else None
     corpus = pipeline.load_corpus(config.data)
     train_iter = pipeline.make_train_iterator(config.data, corpus=corpus)
@@ -147,20 +220,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"Resumed from {ckpt.path(start)}.")
 
     matmul = matmul_for(config)
-    step_fn = jax.jit(make_step(config, cfg, tx, matmul),
-                      donate_argnums=() if ema else (0,))  # The EMA reads each step's params later.
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, cfg=cfg, matmul=matmul))
-    writer = MetricWriter(workdir)
-    def variables(s: step_lib.TrainState) -> dict:
-        """The model variables for evaluation and sampling, which run un-pipelined on one device (a
-        pipelined step leaves the state on its Explicit 'stage' mesh, where ragged_dot has no
-        sharding rule)."""
-        v = {"params": s.params, "routing": s.routing}
-        return jax.device_put(v, jax.devices()[0]) if config.parallel.stage > 1 else v
+    step_fn = devices.jit_step(make_step(config, cfg, tx, matmul),
+                               donate=not ema)  # The EMA reads each step's params later.
+    eval_cfg = cfg.replace(moe_capacity_factor=0.0)  # Validation never drops tokens.
+    eval_fn = devices.jit_eval(functools.partial(step_lib.eval_step, cfg=eval_cfg, matmul=matmul))
+    writer = MetricWriter(workdir, enabled=lead)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     summary = {"start_step": start}
+
+    def validate(s: step_lib.TrainState) -> dict[str, float]:
+        variables = {"params": s.params, "routing": s.routing}
+        if devices.pipelined:  # Un-pipelined evaluation, off the pipeline's Explicit 'stage' mesh.
+            variables = devices.on_one_device(variables)
+        with devices.context():
+            return evaluate(eval_cfg, variables, config.data, t.eval_batches, eval_fn, corpus, place=devices.batch)
+
     if start == 0:
-        first = evaluate(cfg, variables(state), config.data, t.eval_batches, eval_fn, corpus)
+        first = validate(state)
         summary["initial_eval_bpb"] = first["bpb"]
         writer.write(0, {"eval_loss": first["loss"], "eval_bpb": first["bpb"]})
 
@@ -168,11 +244,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpt.save(step, state, ema=ema.value() if ema else None, data_state=train_iter.get_state(),
                   model_config=cfg, force=force)
 
-    progress = _Progress(start, t.steps, tokens_per_step)
+    progress = _Progress(start, t.steps, tokens_per_step, enabled=lead)
     pending, started = None, time.perf_counter()
-    with _SigtermFlag() as sigterm:
+    with _SigtermFlag() as sigterm, devices.context():
         for step in range(start, t.steps):
-            state, metrics = step_fn(state, model_inputs(next(train_iter)))
+            state, metrics = step_fn(state, devices.batch(next(train_iter)))
             if ema:
                 ema.update(state.params)
             if pending is not None:
@@ -182,32 +258,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if done % t.eval_every == 0 or done == t.steps:
                 _finish_step(*pending, progress, writer, t)
                 pending = None
-                result = evaluate(cfg, variables(state), config.data, t.eval_batches, eval_fn, corpus)
+                result = validate(state)
                 writer.write(done, {"eval_loss": result["loss"], "eval_bpb": result["bpb"]})
                 summary["final_eval_bpb"] = result["bpb"]
-                progress.bar.write(f"step {done}: validation {result['bpb']:.3f} bits/byte")
+                progress.write(f"step {done}: validation {result['bpb']:.3f} bits/byte")
             if done % config.checkpoint.every == 0 or done == t.steps or sigterm.raised:
                 save(done, force=sigterm.raised)
             if sigterm.raised:
-                progress.bar.write(f"SIGTERM: saved step {done} to {ckpt.path(done)}; exiting.")
+                progress.write(f"SIGTERM: saved step {done} to {ckpt.path(done)}; exiting.")
                 break
         if pending is not None:
             _finish_step(*pending, progress, writer, t)
-    progress.bar.close()
+    progress.close()
     elapsed = time.perf_counter() - started
     ckpt.close()
     writer.close()
-    plot_losses(writer.csv_path, os.path.join(workdir, "loss.png"), title=f"{workdir}")
-    summary.update(steps=int(state.step), skipped_steps=int(state.skipped_steps), seconds=elapsed,
-                   tokens_per_second=progress.tokens_per_second, interrupted=bool(sigterm.raised))
+    summary.update(steps=int(placement.host_value(state.step)), skipped_steps=int(placement.host_value(state.skipped_steps)),
+                   seconds=elapsed, tokens_per_second=progress.tokens_per_second, interrupted=bool(sigterm.raised))
     if t.sample_tokens and not sigterm.raised:
-        summary["sample"] = sample_text(cfg, variables(state), config.data, t.sample_prompt, t.sample_tokens,
+        variables = devices.on_one_device({"params": state.params, "routing": state.routing})
+        sample_cfg = eval_cfg.replace(moe_dispatch="ragged")  # One device: no expert parallelism.
+        summary["sample"] = sample_text(sample_cfg, variables, config.data, t.sample_prompt, t.sample_tokens,
                                         t.sample_temperature, config.seed)
-        print(f"\n--- sample (temperature {t.sample_temperature}) ---\n{summary['sample']}\n---")
+        if lead:
+            print(f"\n--- sample (temperature {t.sample_temperature}) ---\n{summary['sample']}\n---")
     if ema:
         ema.close()
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if lead:
+        plot_losses(writer.csv_path, os.path.join(workdir, "loss.png"), title=f"{workdir}")
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     return summary
 
 

@@ -69,6 +69,8 @@ def loss_and_metrics(params, routing, batch: Batch, step: jnp.ndarray, cfg: Mode
         balance_loss = balance_losses.mean()
         total = total + train_cfg.balance_alpha * balance_loss
         metrics.update(balance_loss=balance_loss, max_vio=max_vio.mean(), max_vio_per_layer=max_vio)
+    if cfg.moe_capacity_factor:
+        metrics["dropped_pairs"] = sum(s["dropped"].sum() for s in out.router_stats.values() if "dropped" in s)
     metrics["loss"] = total
     return total, (metrics, out.router_stats)
 

@@ -48,14 +48,52 @@ def validate_parallel_config(config: ml_collections.ConfigDict, cfg: ModelConfig
     p = config.parallel
     _need(_is_int(p.stage) and 1 <= p.stage <= jax.device_count(), "parallel.stage", p.stage,
           f"use 1 (no pipeline) up to the {jax.device_count()} devices available.")
+    for axis in ("data", "expert", "tensor"):
+        _need(_is_int(p[axis]) and p[axis] >= 1, f"parallel.{axis}", p[axis], "use an integer >= 1.")
+    _need(p.capacity_factor >= 0, "parallel.capacity_factor", p.capacity_factor, "use 0 (dropless) or e.g. 1.25.")
+    _need(p.capacity_factor == 0 or p.expert > 1, "parallel.capacity_factor", p.capacity_factor,
+          "a capacity only applies to expert parallelism: set parallel.expert > 1 or use 0.")
     if p.stage == 1:
+        shape = (p.data, p.expert, p.tensor)
+        used, have = p.data * p.expert * p.tensor, jax.device_count()
+        _need(used <= have and (used == have or jax.process_count() == 1), "parallel.data/expert/tensor", shape,
+              f"their product is the number of devices used: at most the {have} there are, and all of "
+              "them when several processes train together.")
+        shards = p.data * p.expert
+        _need(config.data.batch_size % shards == 0, "data.batch_size", config.data.batch_size,
+              f"use a multiple of parallel.data x parallel.expert = {shards}.")
+        _need(cfg.n_routed_experts % p.expert == 0, "parallel.expert", p.expert,
+              f"use a divisor of the {cfg.n_routed_experts} routed experts.")
+        _need(cfg.num_attention_heads % p.tensor == 0, "parallel.tensor", p.tensor,
+              f"use a divisor of the {cfg.num_attention_heads} attention heads.")
         return
+    _need(p.data == p.expert == p.tensor == 1, "parallel.data/expert/tensor", (p.data, p.expert, p.tensor),
+          "the pipeline (parallel.stage > 1) does not combine with other mesh axes yet: set them to 1.")
     _need(p.pipeline in SCHEDULES, "parallel.pipeline", p.pipeline, f"use one of {sorted(SCHEDULES)}.")
     _need(_is_int(p.microbatches) and p.microbatches >= 1 and config.data.batch_size % p.microbatches == 0,
           "parallel.microbatches", p.microbatches, f"use a divisor of data.batch_size={config.data.batch_size}.")
     stages = 2 * p.stage if p.pipeline == "dualpipev" else p.stage
     _need(cfg.num_moe_layers % stages == 0, "parallel.stage", p.stage,
           f"the {cfg.num_moe_layers} MoE layers must split evenly into {stages} pipeline stages.")
+
+
+def training_model_config(config: ml_collections.ConfigDict, cfg: ModelConfig) -> ModelConfig:
+    """`cfg` as the trainer runs it: the all-to-all dispatch when experts are split over devices, with
+    the configured capacity, and node-limited routing if asked for."""
+    if "parallel" not in config:
+        return cfg
+    p = config.parallel
+    if p.expert > 1 and cfg.n_routed_experts:
+        cfg = cfg.replace(moe_dispatch="ep", moe_capacity_factor=float(p.capacity_factor))
+    if p.node_limit:
+        nodes = p.nodes or p.expert
+        _need(nodes >= 2, "parallel.node_limit", p.node_limit,
+              "node-limited routing needs parallel.nodes >= 2 (or parallel.expert >= 2 device groups).")
+        try:
+            cfg = cfg.replace(node_groups=nodes, node_limit=p.node_limit)
+        except ValueError as e:
+            raise ValueError(f"config.parallel.node_limit={p.node_limit} / nodes={nodes}: {e}") from e
+    return cfg
 
 
 def validate_run_config(config: ml_collections.ConfigDict) -> ModelConfig:

@@ -1,0 +1,57 @@
+"""Where the train state lives on a mesh, and building it there directly.
+
+Params follow the logical-axis rules of parallel/mesh.py (routed experts over 'expert', heads / MLP
+widths / vocabulary over 'tensor', replicated over 'data'); Adam's moments take their parameter's
+sharding plus 'data' (ZeRO-1); counters and the balancing biases are replicated. The state is created
+by one jitted init whose outputs already have these shardings, so no device ever holds a full
+replicated copy of a sharded leaf.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from deepseek_jax import model
+from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.parallel import mesh as mesh_lib
+from deepseek_jax.train import step as step_lib
+
+
+def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> step_lib.TrainState:
+    """A TrainState whose leaves are the NamedShardings of the real state's leaves."""
+    axes = model.logical_axes(cfg)
+    params = mesh_lib.param_shardings(axes["params"], mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_params = model.abstract_variables(cfg)["params"]
+    opt_state = mesh_lib.opt_state_shardings(tx, jax.eval_shape(tx.init, abstract_params), params, mesh)
+    return step_lib.TrainState(
+        step=replicated, params=params, opt_state=opt_state,
+        routing=jax.tree.map(lambda _: replicated, model.abstract_variables(cfg)["routing"]),
+        bad_steps=replicated, skipped_steps=replicated)
+
+
+def init_sharded_state(cfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Array,
+                       mesh: Mesh) -> step_lib.TrainState:
+    """`step.init_state` computed under jit straight into `state_shardings`."""
+    shardings = state_shardings(cfg, tx, mesh)
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda k: step_lib.init_state(cfg, tx, k), out_shardings=shardings)(key)
+
+
+def per_device_bytes(tree) -> dict[jax.Device, int]:
+    """Bytes each device holds of `tree`'s arrays (its addressable shards)."""
+    total: dict[jax.Device, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            total[shard.device] = total.get(shard.device, 0) + shard.data.nbytes
+    return total
+
+
+def host_value(value) -> np.ndarray:
+    """A replicated array as NumPy, also when it spans devices of other processes."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        value = value.addressable_data(0)
+    return np.asarray(value)

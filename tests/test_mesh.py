@@ -1,0 +1,186 @@
+"""Data, tensor and expert parallelism: a training step on a mesh equals the single-device step, the
+optimizer state is sharded (ZeRO-1), and node-limited routing keeps each token on few device groups."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from common import micro_run_config, model_config
+from jax.sharding import NamedSharding, PartitionSpec
+
+from deepseek_jax.model import moe
+from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.parallel import mesh as mesh_lib
+from deepseek_jax.train import placement
+from deepseek_jax.train import step as step_lib
+from deepseek_jax.train.optimizer import make_optimizer
+from deepseek_jax.train.validation import training_model_config
+
+MESHES = {  # (data, expert, tensor)
+    "data8": (8, 1, 1),
+    "data2_expert4": (2, 4, 1),
+    "expert8": (1, 8, 1),
+    "data2_tensor2_expert2": (2, 2, 2),
+}
+
+
+def run_config(tmp_path, data=1, expert=1, tensor=1):
+    c = micro_run_config(tmp_path, warmup_steps=0, learning_rate=1e-3)
+    c.model.update(n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2)
+    c.data.batch_size = 8
+    c.parallel.update(data=data, expert=expert, tensor=tensor)
+    return c
+
+
+def batch_for(cfg: ModelConfig, rows=8, length=32, seed=0):
+    """Two packed documents per row with padding at the end: segment ids and positions matter."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 256, (rows, length)).astype(np.int32)
+    cut = length // 2 + rng.integers(-4, 4, rows)
+    col = np.arange(length)[None, :]
+    segments = np.where(col < cut[:, None], 1, 2).astype(np.int32)
+    segments[:, -3:] = 0
+    positions = np.where(col < cut[:, None], col, col - cut[:, None]).astype(np.int32)
+    return {"tokens": tokens, "segment_ids": segments, "positions": positions}
+
+
+def step_outputs(config, cfg, state, batch, mesh=None):
+    """(grads, metrics, router stats, new state) of one training step, on `mesh` or on one device."""
+    tx = make_optimizer(config.train)
+    grad_fn = jax.grad(step_lib.loss_and_metrics, has_aux=True)
+
+    def step(state, batch):
+        grads, (metrics, stats) = grad_fn(state.params, state.routing, batch, state.step, cfg, config.train)
+        new_state, metrics = step_lib.apply_update(state, grads, dict(metrics), stats, config.train, tx)
+        return grads, metrics, stats, new_state
+
+    if mesh is None:
+        return jax.device_get(jax.jit(step)(state, batch))
+    shardings = placement.state_shardings(cfg, tx, mesh)
+    with jax.set_mesh(mesh):
+        state = jax.device_put(state, shardings)
+        out = jax.jit(step, out_shardings=(shardings.params, None, None, shardings))(
+            state, mesh_lib.shard_batch(batch, mesh))
+    return jax.device_get(out)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The single-device step with the dense (every expert on every token) dispatch."""
+    config = run_config(tmp_path_factory.mktemp("ref"))
+    cfg = ModelConfig.from_dict(config.model).replace(moe_dispatch="dense")
+    tx = make_optimizer(config.train)
+    state = step_lib.init_state(cfg, tx, jax.random.key(0))
+    batch = batch_for(cfg)
+    return jax.device_get(state), batch, step_outputs(config, cfg, state, batch)
+
+
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_step_on_mesh_equals_single_device(name, reference, tmp_path):
+    state, batch, (want_grads, want_metrics, want_stats, want_state) = reference
+    data, expert, tensor = MESHES[name]
+    config = run_config(tmp_path, data, expert, tensor)
+    cfg = training_model_config(config, ModelConfig.from_dict(config.model))
+    assert cfg.moe_dispatch == ("ep" if expert > 1 else "ragged")
+    mesh = mesh_lib.make_mesh(config.parallel)
+    grads, metrics, stats, new_state = step_outputs(config, cfg, state, batch, mesh)
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+    assert sorted(metrics) == sorted(want_metrics)
+    for key in want_metrics:
+        close(metrics[key], want_metrics[key], err_msg=key)
+    assert metrics["max_vio"] > 0 and metrics["balance_loss"] > 0
+    jax.tree.map(close, stats, want_stats)
+    jax.tree.map(close, grads, want_grads)
+    jax.tree.map(close, new_state, want_state)
+    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), new_state.params, state.params)
+    assert min(jax.tree.leaves(moved)) > 1e-4  # The step really updated every parameter.
+
+
+def test_optimizer_state_is_sharded_over_data(tmp_path):
+    """ZeRO-1: Adam's moments are split over 'data' on top of the params' own sharding, the params are
+    not, and each device holds about 1/data of the moments."""
+    config = run_config(tmp_path, data=4, expert=2)
+    cfg = training_model_config(config, ModelConfig.from_dict(config.model))
+    tx = make_optimizer(config.train)
+    mesh = mesh_lib.make_mesh(config.parallel)
+    state = placement.init_sharded_state(cfg, tx, jax.random.key(0), mesh)
+    experts = state.params["moe_layers"]["mlp"]["experts"]["up_proj"]
+    assert experts.sharding.spec == PartitionSpec(None, "expert", None, None)
+    mu = state.opt_state[1][0].mu
+    assert mu["moe_layers"]["mlp"]["experts"]["up_proj"].sharding.spec == PartitionSpec(None, "expert", "data", None)
+    # The vocabulary goes to 'tensor' (size 1 here), so 'data' takes the next dimension.
+    assert mu["embed_tokens"]["embedding"].sharding.spec == PartitionSpec("tensor", "data")
+    assert state.params["embed_tokens"]["embedding"].sharding.spec == PartitionSpec("tensor", None)
+    moment_bytes = sum(a.nbytes for a in jax.tree.leaves(state.opt_state))
+    per_device = placement.per_device_bytes(state.opt_state)
+    assert len(per_device) == 8
+    # Experts split 2 ways and every moment 4 ways: close to 1/8 of the total, never more than 1/4.
+    assert max(per_device.values()) < moment_bytes / 4
+    params_per_device = placement.per_device_bytes(state.params)
+    assert max(per_device.values()) < 2 * max(params_per_device.values())  # Two moments, split 4 ways.
+    # Same values as the un-sharded init.
+    single = step_lib.init_state(cfg.replace(moe_dispatch="ragged"), tx, jax.random.key(0))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(single))
+
+
+def test_batch_and_mesh_errors_name_the_fields(tmp_path):
+    from deepseek_jax.train.validation import validate_run_config
+
+    bad = run_config(tmp_path, data=16)
+    with pytest.raises(ValueError, match="parallel.data/expert/tensor"):
+        validate_run_config(bad)
+    bad = run_config(tmp_path, data=2, expert=2)
+    bad.data.batch_size = 6
+    with pytest.raises(ValueError, match="data.batch_size"):
+        validate_run_config(bad)
+    bad = run_config(tmp_path, expert=3)
+    with pytest.raises(ValueError, match="parallel.expert"):
+        validate_run_config(bad)
+    bad = run_config(tmp_path, data=2)
+    bad.parallel.capacity_factor = 1.0
+    with pytest.raises(ValueError, match="parallel.capacity_factor"):
+        validate_run_config(bad)
+    with pytest.raises(ValueError, match="parallel.stage=1, parallel.data=16"):
+        mesh_lib.make_mesh(ml_collections.ConfigDict(dict(stage=1, data=16, expert=1, tensor=1)))
+
+
+def test_node_limited_routing_matches_a_numpy_reference():
+    """Each token's experts lie in at most M of the device groups, the groups being the M best by the sum
+    of their K/M highest (biased) scores; then the top-K within them (V3 section 2.1.2)."""
+    cfg = model_config().replace(
+        n_routed_experts=16, n_group=1, topk_group=1, num_experts_per_tok=4, node_groups=4, node_limit=2)
+    rng = np.random.default_rng(0)
+    scores = rng.random((64, 16)).astype(np.float32)
+    bias = (0.1 * rng.standard_normal(16)).astype(np.float32)
+    _, indices = jax.device_get(moe.select_experts(jnp.asarray(scores), jnp.asarray(bias), cfg))
+    choice = scores + bias
+    for n in range(64):
+        group_scores = np.sort(choice[n].reshape(4, 4), axis=-1)[:, -2:].sum(-1)
+        kept = np.argsort(-group_scores, kind="stable")[:2]
+        allowed = np.concatenate([np.arange(4 * g, 4 * g + 4) for g in kept])
+        want = allowed[np.argsort(-choice[n][allowed], kind="stable")[:4]]
+        assert set(indices[n]) == set(want), n
+        assert len(set(indices[n] // 4)) <= 2
+    with pytest.raises(ValueError, match="node_limit"):
+        cfg.replace(node_limit=3)  # Does not divide K = 4.
+
+
+def test_node_limit_from_the_parallel_config(tmp_path):
+    config = run_config(tmp_path, data=2, expert=4)
+    config.parallel.node_limit = 1
+    cfg = training_model_config(config, ModelConfig.from_dict(config.model))
+    assert (cfg.node_groups, cfg.node_limit, cfg.moe_dispatch) == (4, 1, "ep")
+    config.parallel.node_limit = 4
+    with pytest.raises(ValueError, match="parallel.node_limit=4"):
+        training_model_config(config, ModelConfig.from_dict(config.model))
+
+
+def test_replicated_sharding_of_routing_biases(tmp_path):
+    config = run_config(tmp_path, expert=8)
+    cfg = training_model_config(config, ModelConfig.from_dict(config.model))
+    shardings = placement.state_shardings(cfg, make_optimizer(config.train), mesh_lib.make_mesh(config.parallel))
+    for s in jax.tree.leaves(shardings.routing, is_leaf=lambda x: isinstance(x, NamedSharding)):
+        assert s.spec == PartitionSpec()

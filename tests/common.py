@@ -23,11 +23,12 @@ def to_f64(tree):
     return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
 
 
-def micro_run_config(tmp_path, **train_overrides):
-    """A run config small enough to train a few steps in seconds, on a corpus written to tmp_path."""
+def micro_run_config(tmp_path, write_corpus=True, **train_overrides):
+    """A run config small enough to train a few steps in seconds, on a corpus written to tmp_path (unless
+    `write_corpus` is False: then it must be there already)."""
     corpus = tmp_path / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
-    for i in range(24):  # Deterministic, varied text: 24 small documents.
+    for i in range(24 if write_corpus else 0):  # Deterministic, varied text: 24 small documents.
         (corpus / f"doc{i:02d}.txt").write_text(
             "".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(12)))
     c = config("tiny", "mtp=1")

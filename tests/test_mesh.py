@@ -184,3 +184,29 @@ def test_replicated_sharding_of_routing_biases(tmp_path):
     shardings = placement.state_shardings(cfg, make_optimizer(config.train), mesh_lib.make_mesh(config.parallel))
     for s in jax.tree.leaves(shardings.routing, is_leaf=lambda x: isinstance(x, NamedSharding)):
         assert s.spec == PartitionSpec()
+
+
+def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path):
+    """Sharded save (each device writes its shards) on data=2 x expert=4; restore onto expert=8, onto
+    data=2 x tensor=2 x expert=2 and onto one device: the same values, in the target's shardings."""
+    from deepseek_jax.train import checkpoint as checkpoint_lib
+
+    config = run_config(tmp_path, data=2, expert=4)
+    cfg = training_model_config(config, ModelConfig.from_dict(config.model))
+    tx = make_optimizer(config.train)
+    state = placement.init_sharded_state(cfg, tx, jax.random.key(1), mesh_lib.make_mesh(config.parallel))
+    ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "ckpt"), keep=1, async_save=False)
+    ckpt.save(7, state, ema=None, data_state={"epoch": 1}, model_config=cfg)
+    want = jax.device_get(state)
+    for data, expert, tensor in [(1, 8, 1), (2, 2, 2), (1, 1, 1)]:
+        target = run_config(tmp_path, data, expert, tensor)
+        target_cfg = training_model_config(target, ModelConfig.from_dict(target.model))
+        mesh = mesh_lib.make_mesh(target.parallel)
+        shardings = placement.state_shardings(target_cfg, tx, mesh)
+        like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), want, shardings)
+        restored = ckpt.restore(7, like, ema_like=None, model_config=target_cfg)
+        got = restored["state"]
+        assert restored["data"] == {"epoch": 1}
+        jax.tree.map(lambda g, s: (g.sharding == s) or pytest.fail(f"{g.sharding} != {s}"), got, shardings)
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), want)
+    ckpt.close()

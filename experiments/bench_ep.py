@@ -1,6 +1,6 @@
 """Expert parallelism: bytes the all-to-all dispatch moves per MoE layer, and the training step on EP meshes.
 
-    python experiments/bench_ep.py        (about 5 minutes on 2 cores)
+    python experiments/bench_ep.py        (6 minutes on 2 idle cores, 10 when another process shares them)
 
 Bytes (per device, per MoE layer, forward; the backward pass moves the same rows again as cotangents):
 
@@ -66,7 +66,7 @@ from deepseek_jax.train.validation import training_model_config, validate_run_co
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _OUT_DIR = flags.DEFINE_string("out_dir", str(ROOT / "experiments" / "results"), "Where to write the results.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed training steps per mesh after the warm-up (the median is kept).")
+_STEPS = flags.DEFINE_integer("steps", 7, "Timed rounds (one step per mesh each) after the warm-up; medians kept.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows of the timed training batch.")
 _SEQ = flags.DEFINE_integer("seq_len", 128, "Tokens per row of the timed training batch.")
 _CAPACITY_EPS = flags.DEFINE_list("capacity_eps", ["8"], "EP sizes also timed with capacity_factor 1.25.")
@@ -77,6 +77,14 @@ LAYERS = {  # The MoE layer shapes: D model, E experts, K per token, bytes per p
     "tiny": dict(D=256, E=8, K=2, itemsize=4, n=256, eps=(2, 4, 8), dtype=jnp.float32, F=128),
     "deepseek_v3": dict(D=7168, E=256, K=8, itemsize=2, n=4096, eps=(2, 4, 8, 64), dtype=jnp.bfloat16, F=2048),
 }
+STEP_NOTES = (
+    "Reading the step times: XLA:CPU lowers `lax.ragged_dot` as a masked dense dot over all of its groups, so the "
+    "expert GEMMs cost (rows x local experts), not rows: EP shrinks the local experts and wins on this machine for "
+    "that reason alone. With `ragged` on a data-parallel mesh (EP=1, data=8), the global argsort of the (token, "
+    "expert) pairs makes the partitioner gather them: the compiled program sorts all N*K pairs of the global batch "
+    "on every device and runs the experts on all of them, 8x redundant work on shared cores. `ep` rows are the "
+    "padded receive buffer ep*C (dropless C = n*min(K, E/ep)), of which n*K carry tokens. Most all-gathers with "
+    "data > 1 are ZeRO-1's parameter gathers after the sharded update.")
 ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "ui32": 4, "i64": 8, "f64": 8, "i8": 1, "i1": 1}
 
 
@@ -88,7 +96,7 @@ def machine() -> dict:
                        "--xla_force_host_platform_device_count=8)",
             "note": (f"The {jax.device_count()} simulated devices share the machine's {os.cpu_count()} CPU cores, so "
                      "step times measure overheads (all-to-all copies, padding), not speed-up. Another process "
-                     "used the CPU at times during the run: see load_average per run.")}
+                     "used the CPU at times during the run: see load_average_per_round (ours alone is at most 2).")}
 
 
 # ----------------------------------------------------------------------------------------------- routing
@@ -229,8 +237,9 @@ def synthetic_batch(rows: int, length: int) -> dict:
             "positions": np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy()}
 
 
-def step_time(ep: int, devices: list, capacity_factor: float = 0.0) -> dict:
-    """Compile, warm up and time the tiny model's training step on a (data=len(devices)/ep, expert=ep) mesh."""
+def prepare_step(ep: int, devices: list, capacity_factor: float = 0.0) -> tuple[dict, object]:
+    """Compiles and warms up the tiny model's training step on a (data=len(devices)/ep, expert=ep) mesh.
+    Returns (its description, a function that runs one more step and returns its seconds)."""
     config = defaults.load_config(str(ROOT / "configs" / "tiny.py"))
     config.data.update(batch_size=_BATCH.value, seq_len=_SEQ.value)
     config.parallel.update(data=len(devices) // ep, expert=ep, capacity_factor=capacity_factor)
@@ -242,43 +251,69 @@ def step_time(ep: int, devices: list, capacity_factor: float = 0.0) -> dict:
     batch = mesh_lib.shard_batch(synthetic_batch(_BATCH.value, _SEQ.value), mesh)
     step = functools.partial(step_lib.train_step, cfg=cfg, train_cfg=config.train, tx=tx)
     replicated = NamedSharding(mesh, PartitionSpec())
-    load_before = os.getloadavg()[0]
     with jax.set_mesh(mesh):
         jitted = jax.jit(step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                          out_shardings=(shardings, replicated), donate_argnums=(0,))
         start = time.perf_counter()
         compiled = jitted.lower(state, batch).compile()
         compile_seconds = time.perf_counter() - start
-        state, metrics = compiled(state, batch)  # Warm-up.
-        first = jax.device_get(metrics)
-        times = []
-        for _ in range(_STEPS.value):
-            start = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
-    memory = compiled.memory_analysis()
-    return {"devices": len(devices), "data": len(devices) // ep, "expert": ep, "capacity_factor": capacity_factor,
-            "moe_dispatch": cfg.moe_dispatch, "batch": _BATCH.value, "seq_len": _SEQ.value,
-            "tokens_per_device": _BATCH.value * _SEQ.value // len(devices),
-            "compile_seconds": compile_seconds, "seconds_per_step": float(np.median(times)),
-            "step_seconds": times, "temp_bytes_per_device": memory.temp_size_in_bytes,
-            "first_step_loss": float(first["loss"]), "dropped_pairs_first_step": float(first.get("dropped_pairs", 0)),
-            "load_average": [load_before, os.getloadavg()[0]]}
+    state, metrics = compiled(state, batch)  # Warm-up.
+    first = jax.device_get(metrics)
+    holder = {"state": state}
+
+    def run_once() -> float:
+        start = time.perf_counter()
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready(metrics)
+        return time.perf_counter() - start
+
+    n = _BATCH.value * _SEQ.value // len(devices)
+    K, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    if cfg.moe_dispatch == "ep":  # The padded receive buffer through the E/ep local experts.
+        rows, local = ep * ep_lib.capacity(n, K, E // ep, ep, capacity_factor), E // ep
+    else:  # `ragged` sorts the global pairs: the partitioner replicates them on every device (see notes).
+        rows, local = _BATCH.value * _SEQ.value * K, E
+    pairs = _BATCH.value * _SEQ.value * K * (cfg.num_moe_layers + cfg.num_nextn_predict_layers)
+    info = {"devices": len(devices), "data": len(devices) // ep, "expert": ep, "capacity_factor": capacity_factor,
+            "moe_dispatch": cfg.moe_dispatch, "batch": _BATCH.value, "seq_len": _SEQ.value, "tokens_per_device": n,
+            "compile_seconds": compile_seconds, "temp_bytes_per_device": compiled.memory_analysis().temp_size_in_bytes,
+            "first_step_loss": float(first["loss"]),
+            "dropped_fraction_first_step": float(first.get("dropped_pairs", 0)) / pairs,
+            "expert_rows_per_device": rows, "local_experts": local, "collectives": _collectives(compiled.as_text())}
+    return info, run_once
 
 
-def step_times() -> list[dict]:
+def _collectives(hlo: str) -> dict[str, int]:
+    """Collective instructions in the compiled program, by kind (static count: a scanned layer counts once)."""
+    kinds = re.findall(r"^\s*(?:ROOT )?%\S+ = .*? (all-gather|all-reduce|all-to-all|reduce-scatter|"
+                       r"collective-permute)(?:-start)?\(", hlo, re.MULTILINE)
+    return {k: kinds.count(k) for k in sorted(set(kinds))}
+
+
+def step_times() -> tuple[list[dict], list[float]]:
+    """Every mesh compiled first, then timed in interleaved rounds (one step of each per round), so that load
+    from other processes falls on all of them alike. Returns (runs, 1-minute load average after each round)."""
     devices = jax.devices()
-    runs = [("1 device", [devices[0]], 1, 0.0)]
-    runs += [(f"EP={ep}", devices, ep, 0.0) for ep in (1, 2, 4, 8)]
-    runs += [(f"EP={ep}, cf {CAPACITY_FACTOR}", devices, int(ep), CAPACITY_FACTOR) for ep in _CAPACITY_EPS.value]
-    out = []
-    for label, devs, ep, cf in runs:
-        run = {"label": label, **step_time(ep, devs, cf)}
-        out.append(run)
-        print(f"{label}: {1e3 * run['seconds_per_step']:.0f} ms/step (compile {run['compile_seconds']:.0f} s, "
-              f"loss {run['first_step_loss']:.6f}, load {run['load_average']})", flush=True)
-    return out
+    plan = [("1 device", [devices[0]], 1, 0.0)]
+    plan += [(f"EP={ep}", devices, ep, 0.0) for ep in (1, 2, 4, 8)]
+    plan += [(f"EP={ep}, cf {CAPACITY_FACTOR}", devices, int(ep), CAPACITY_FACTOR) for ep in _CAPACITY_EPS.value]
+    runs, steppers = [], []
+    for label, devs, ep, cf in plan:
+        info, run_once = prepare_step(ep, devs, cf)
+        runs.append({"label": label, **info, "step_seconds": []})
+        steppers.append(run_once)
+        print(f"{label}: compiled in {info['compile_seconds']:.0f} s, first-step loss {info['first_step_loss']:.6f}",
+              flush=True)
+    loads = []
+    for _ in range(_STEPS.value):
+        for run, run_once in zip(runs, steppers):
+            run["step_seconds"].append(run_once())
+        loads.append(os.getloadavg()[0])
+    for run in runs:
+        run["seconds_per_step"] = float(np.median(run["step_seconds"]))
+        print(f"{run['label']}: {1e3 * run['seconds_per_step']:.0f} ms/step "
+              f"({', '.join(f'{1e3 * t:.0f}' for t in run['step_seconds'])})", flush=True)
+    return runs, loads
 
 
 # ------------------------------------------------------------------------------------------------- outputs
@@ -327,14 +362,22 @@ def markdown(result: dict) -> str:
               "forward and forward + backward: they match the padded column (forward) and twice its rows (backward "
               "re-sends dispatch and combine rows, not the ids).", "",
               f"## Training step time, tiny model, batch {_BATCH.value} x {_SEQ.value}", "",
-              "| mesh | dispatch | tokens/device | ms/step (median) | compile s | temp MiB/device | first-step loss "
-              "| load avg (before, after) |", "|---|---|---|---|---|---|---|---|"]
+              "| mesh | dispatch | tokens/device | ms/step (median) | compile s | temp MiB/device | "
+              "expert rows x local experts / device / layer | collectives in the program | first-step loss | "
+              "dropped pairs |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["step_time"]:
         lines.append(f"| {r['label']} (data={r['data']}, expert={r['expert']}) | {r['moe_dispatch']} | "
                      f"{r['tokens_per_device']} | {1e3 * r['seconds_per_step']:.0f} | {r['compile_seconds']:.0f} | "
-                     f"{r['temp_bytes_per_device'] / 2**20:.1f} | {r['first_step_loss']:.6f} | "
-                     f"{r['load_average'][0]:.2f}, {r['load_average'][1]:.2f} |")
-    lines += ["", m["note"], "", "Checks: " + "; ".join(f"{k}: {'ok' if v else 'FAILED'}"
+                     f"{r['temp_bytes_per_device'] / 2**20:.1f} | "
+                     f"{r['expert_rows_per_device']} x {r['local_experts']} | "
+                     + ", ".join(f"{k} {v}" for k, v in r["collectives"].items()) + " | "
+                     f"{r['first_step_loss']:.6f} | {r['dropped_fraction_first_step']:.1%} |")
+    loads = ", ".join(f"{x:.1f}" for x in result["load_average_per_round"])
+    rounds = len(result["load_average_per_round"])
+    lines += ["", f"Steps timed in {rounds} interleaved rounds (one step of each mesh per round; medians, all times "
+              f"in the JSON); 1-minute load average after each round: {loads}.",
+              "", m["note"], "", STEP_NOTES, "", "Checks: " + "; ".join(f"{k}: {'ok' if v else 'FAILED'}"
                                                      for k, v in result["checks"].items()) + ".", ""]
     return "\n".join(lines)
 
@@ -356,7 +399,8 @@ def plot(result: dict, path: pathlib.Path) -> None:
         ax.set_xticks(eps, [str(e) for e in eps])
         ax.set_xlabel("expert-parallel size EP")
         ax.set_ylabel("MiB sent per device per MoE layer (forward)")
-        ax.set_title(f"{name}: D={layer['D']}, E={layer['E']}, K={layer['K']}, n={layer['n']}/device")
+        ax.set_title(f"{name}: D={layer['D']}, E={layer['E']}, K={layer['K']}, n={layer['n']}/device"
+                     + (" (EP 64 analytic)" if 64 in eps else ""), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     ax = axes[2]
@@ -409,7 +453,7 @@ def main(argv) -> None:
                   "payload_dedup": "one row per (token, destination device), both ways (DeepEP-style)",
                   "allgather": "all-gather of the tokens + reduce-scatter of the outputs",
                   "hlo_*": "off-device bytes of the all_to_alls in the lowered ep_dispatch program"}}
-    result["step_time"] = step_times()
+    result["step_time"], result["load_average_per_round"] = step_times()
     result["checks"] = sanity_checks(result)
     result["seconds"] = time.perf_counter() - started
     out = pathlib.Path(_OUT_DIR.value)

@@ -84,7 +84,7 @@ def test_step_on_mesh_equals_single_device(name, reference, tmp_path):
     data, expert, tensor = MESHES[name]
     config = run_config(tmp_path, data, expert, tensor)
     cfg = training_model_config(config, ModelConfig.from_dict(config.model))
-    assert cfg.moe_dispatch == ("ep" if expert > 1 else "ragged")
+    assert cfg.moe_dispatch == "ep"
     mesh = mesh_lib.make_mesh(config.parallel)
     grads, metrics, stats, new_state = step_outputs(config, cfg, state, batch, mesh)
     close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)

@@ -78,12 +78,14 @@ def validate_parallel_config(config: ml_collections.ConfigDict, cfg: ModelConfig
 
 
 def training_model_config(config: ml_collections.ConfigDict, cfg: ModelConfig) -> ModelConfig:
-    """`cfg` as the trainer runs it: the all-to-all dispatch when experts are split over devices, with
-    the configured capacity, and node-limited routing if asked for."""
+    """`cfg` as the trainer runs it: the expert dispatch inside a shard_map whenever the batch is split
+    over devices (all-to-all when experts are split too, with the configured capacity; with 'expert' = 1
+    each device runs every expert on its own tokens, where the global sort of the 'ragged' dispatch would
+    make XLA all-gather every token), and node-limited routing if asked for."""
     if "parallel" not in config:
         return cfg
     p = config.parallel
-    if p.expert > 1 and cfg.n_routed_experts:
+    if p.stage == 1 and p.data * p.expert > 1 and cfg.n_routed_experts:
         cfg = cfg.replace(moe_dispatch="ep", moe_capacity_factor=float(p.capacity_factor))
     if p.node_limit:
         nodes = p.nodes or p.expert

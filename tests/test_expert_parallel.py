@@ -153,6 +153,9 @@ def test_byte_counters():
     assert got["ep_dispatch"] == got["ep_combine"] == 3 * 16 * 16 * 2
     assert got["ep_total"] == 2 * 3 * 16 * 16 * 2 + 3 * 16 * 4
     assert got["allgather"] == got["reduce_scatter"] == 3 * 8 * 16 * 2
+    fp8 = dispatch_bytes(n_tokens_per_device=8, K=2, D=160, ep=4, capacity=16, itemsize=2, fp8_tile=128)
+    assert fp8["ep_dispatch"] == 3 * 16 * (160 + 4 * 2)  # FP8 values + two float32 tile scales per row.
+    assert fp8["ep_combine"] == 3 * 16 * 160 * 2
     idx = np.array([[0, 1], [2, 7], [7, 6], [3, 0]])  # E=8 on ep=4, 2 batch shards of 2 tokens.
     np.testing.assert_array_equal(payload_rows(idx, E=8, ep=4, batch_shards=2), [[2, 1, 0, 1], [1, 1, 0, 2]])
 

@@ -21,11 +21,12 @@ def _is_fp8(var) -> bool:
 
 
 def _walk(jaxpr, fp8_calls: list, leaks: list) -> None:
-    """Collects custom_vjp calls on matrices (the FP8 Linears) and any float8 value outside them."""
+    """Collects the custom_vjp calls on matrices (the FP8 GEMMs), by name, and any float8 value outside
+    them."""
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "custom_vjp_call":
             if sum(1 for v in eqn.invars if getattr(v.aval, "ndim", 0) >= 2) >= 2:
-                fp8_calls.append(eqn)
+                fp8_calls.append(eqn.params["call_jaxpr"].jaxpr.debug_info.func_name)
             continue
         if any(_is_fp8(v) for v in [*eqn.invars, *eqn.outvars]):
             leaks.append(str(eqn)[:160])
@@ -51,8 +52,10 @@ def test_fp8_only_in_eligible_linears(micro):
     _walk(jaxpr.jaxpr, fp8_calls, leaks)
     # The scanned stacks appear once each: a dense block and a MoE block (5 MLA projections + 3 MLP
     # matmuls, the MoE block's being its shared expert), then the MTP module: eh_proj + its block.
-    assert len(fp8_calls) == 8 + 8 + 1 + 8
-    # No float8 value anywhere else: embedding, norms, router, attention core, experts, head stay high.
+    # Each MoE block's routed experts are two grouped calls: gate and up on one quantised x, then down.
+    assert fp8_calls.count("_fp8_matmul_2d") == 8 + 8 + 1 + 8
+    assert fp8_calls.count("_fp8_grouped_gemms") == 2 * 2 and len(fp8_calls) == 25 + 4
+    # No float8 value anywhere else: embedding, norms, router, attention core, head stay high.
     assert not leaks, leaks[:3]
 
 
@@ -70,8 +73,9 @@ def test_fp8_train_step_lowers_to_fp8_gemms_forward_and_backward(micro):
     forward = jax.jit(lambda v, t: model.apply(cfg, v, t, matmul=recipe)[:2]).lower(
         {"params": state.params, "routing": state.routing}, batch["tokens"]).as_text()
     forward_dots = [line for line in forward.splitlines() if "dot_general" in line and "f8E4M3FN" in line]
-    # Fprop, Dgrad and Wgrad: three FP8 GEMMs per Linear in training, one in inference.
-    assert len(forward_dots) == 25 and len(fp8_dots) == 3 * 25
+    # Fprop, Dgrad and Wgrad: three FP8 GEMMs per Linear and per routed-expert GEMM (gate, up, down in
+    # two MoE blocks) in training, one in inference (test_fp8_experts checks the expert GEMMs' shapes).
+    assert len(forward_dots) == 25 + 6 and len(fp8_dots) == 3 * (25 + 6)
 
 
 def test_fp8_training_step_tracks_float32(micro):

@@ -9,11 +9,17 @@ Every strategy computes y_n = sum_k w_{n,k} * SwiGLU_{e_{n,k}}(x_n) exactly (no 
   `jax.lax.ragged_dot` (a grouped GEMM), scatter back. O(N*K) work.
 - `gather`: each token gathers its K experts' weights and multiplies them directly. O(N*K) work and
   weight reads: the decoding strategy (infer/ uses it when N*K <= E).
+
+FP8 (a recipe with grouped GEMMs, ops/fp8.py): `ragged` and `ep` run the experts' three GEMMs in FP8
+(ops/fp8_grouped.py); the tokens are quantised once, before they are gathered (or sent), and the
+gate and up projections read those FP8 rows. `dense` stays the high-precision reference and `gather`
+(decoding: no backward, weight reads dominate) stays high precision.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import flax.linen as nn
 import jax
@@ -25,6 +31,16 @@ from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.layers import compute_dtype
 
 ExpertWeights = tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]  # gate [E,D,F], up [E,D,F], down [E,F,D]
+Route = Callable[..., jnp.ndarray]  # route(a [n, C], *route_args) -> [M, C]: moves whole rows.
+
+
+class GroupedRecipe(Protocol):
+    """An FP8 recipe's grouped GEMMs (ops/fp8.py: Fp8Recipe, PerTensorFp8Recipe)."""
+
+    def grouped(self, x: jnp.ndarray, w: jnp.ndarray, group_sizes: jnp.ndarray) -> jnp.ndarray: ...
+
+    def routed_grouped(self, x: jnp.ndarray, ws: tuple[jnp.ndarray, ...], group_sizes: jnp.ndarray,
+                       route: Route, route_args: tuple[jnp.ndarray, ...]) -> tuple[jnp.ndarray, ...]: ...
 
 
 def dense_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray,
@@ -50,16 +66,33 @@ def sort_by_expert(indices_NK: jnp.ndarray, num_experts: int
     return order, token, sizes
 
 
-def ragged_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray,
-                    w: ExpertWeights) -> jnp.ndarray:
-    """Dropless grouped-GEMM dispatch. Returns [N, D] in x's dtype."""
+def grouped_swiglu(x_nD: jnp.ndarray, route: Route, route_args: tuple[jnp.ndarray, ...],
+                   sizes_E: jnp.ndarray, w: ExpertWeights, recipe: GroupedRecipe | None) -> jnp.ndarray:
+    """SwiGLU of the E experts on the rows route(x, *route_args) [M, D], sorted by expert with sizes_E
+    rows each (rows past the groups give zeros). Grouped GEMMs, in FP8 when a recipe is given.
+    Returns [M, D]."""
     gate, up, down = w
+    if recipe is None:
+        x_MD = route(x_nD, *route_args)
+        gate_MF, up_MF = jax.lax.ragged_dot(x_MD, gate, sizes_E), jax.lax.ragged_dot(x_MD, up, sizes_E)
+    else:
+        gate_MF, up_MF = recipe.routed_grouped(x_nD, (gate, up), sizes_E, route, route_args)
+    h_MF = nn.silu(checkpoint_name(gate_MF, remat.EXPERTS)) * checkpoint_name(up_MF, remat.EXPERTS)
+    grouped = jax.lax.ragged_dot if recipe is None else recipe.grouped
+    return checkpoint_name(grouped(h_MF, down, sizes_E), remat.EXPERTS)
+
+
+def take_rows(a_n: jnp.ndarray, rows_M: jnp.ndarray) -> jnp.ndarray:
+    """The route of the single-device dispatch: a [n, C] -> a[rows] [M, C]."""
+    return a_n[rows_M]
+
+
+def ragged_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray,
+                    w: ExpertWeights, recipe: GroupedRecipe | None = None) -> jnp.ndarray:
+    """Dropless grouped-GEMM dispatch. Returns [N, D] in x's dtype."""
     N, K = indices_NK.shape
-    order, token, sizes = sort_by_expert(indices_NK, gate.shape[0])
-    x_MD = x_ND[token]
-    gate_MF = checkpoint_name(jax.lax.ragged_dot(x_MD, gate, sizes), remat.EXPERTS)
-    up_MF = checkpoint_name(jax.lax.ragged_dot(x_MD, up, sizes), remat.EXPERTS)
-    out_MD = checkpoint_name(jax.lax.ragged_dot(nn.silu(gate_MF) * up_MF, down, sizes), remat.EXPERTS)
+    order, token, sizes = sort_by_expert(indices_NK, w[0].shape[0])
+    out_MD = grouped_swiglu(x_ND, take_rows, (token,), sizes, w, recipe)
     unsorted = jnp.zeros_like(out_MD).at[order].set(out_MD).reshape(N, K, -1)
     return jnp.einsum("NK,NKD->ND", weights_NK.astype(unsorted.dtype), unsorted).astype(x_ND.dtype)
 
@@ -83,9 +116,12 @@ class RoutedExperts(nn.Module):
     """The E routed SwiGLU experts as stacked kernels; x [N, D] -> (y [N, D], dropped pairs: float32 scalar).
 
     Only 'ep' with a capacity factor can drop; it needs the mesh in context (parallel/expert_parallel.py).
+    `recipe`: the FP8 recipe (the `matmul` injected into the Linears); 'ragged' and 'ep' then run the
+    expert GEMMs in FP8, 'dense' and 'gather' ignore it (module docstring).
     """
 
     cfg: ModelConfig
+    recipe: GroupedRecipe | None = None
 
     @nn.compact
     def __call__(self, x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray) -> jnp.ndarray:
@@ -99,10 +135,17 @@ class RoutedExperts(nn.Module):
         down = param("down_proj", (E, F, D), ("expert", "expert_mlp", "embed"))
         dtype = compute_dtype(cfg)
         w = (gate.astype(dtype), up.astype(dtype), down.astype(dtype))
+        recipe = self.recipe
+        if recipe is not None and not hasattr(recipe, "routed_grouped"):
+            raise ValueError(f"RoutedExperts got recipe={recipe!r}, which has no grouped GEMMs "
+                             "(`grouped`, `routed_grouped`): pass an ops.fp8 recipe, or None")
         if cfg.moe_dispatch == "ep":
             from deepseek_jax.parallel import expert_parallel  # Local: model/ needs parallel/ for EP only.
 
-            return expert_parallel.ep_dispatch(x_ND.astype(dtype), weights_NK, indices_NK, w,
-                                               capacity_factor=cfg.moe_capacity_factor)
-        y = DISPATCH[cfg.moe_dispatch](x_ND.astype(dtype), weights_NK, indices_NK, w)
+            return expert_parallel.ep_dispatch(jnp.asarray(x_ND, dtype), weights_NK, indices_NK, w,
+                                               capacity_factor=cfg.moe_capacity_factor, recipe=recipe)
+        if cfg.moe_dispatch == "ragged":
+            y = ragged_dispatch(jnp.asarray(x_ND, dtype), weights_NK, indices_NK, w, recipe)
+        else:
+            y = DISPATCH[cfg.moe_dispatch](jnp.asarray(x_ND, dtype), weights_NK, indices_NK, w)
         return y, jnp.zeros((), jnp.float32)

@@ -126,7 +126,8 @@ class MoE(nn.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         weights, indices, scores = Gate(cfg, name="gate")(x_ND)
-        routed, dropped = experts_lib.RoutedExperts(cfg, name="experts")(x_ND, weights, indices)
+        routed, dropped = experts_lib.RoutedExperts(cfg, recipe=self.matmul, name="experts")(
+            x_ND, weights, indices)
         y = routed.reshape(B, T, D)
         if cfg.n_shared_experts:
             shared = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts, matmul=self.matmul,

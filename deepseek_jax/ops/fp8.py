@@ -1,7 +1,8 @@
 """DeepSeek-V3's fine-grained FP8 GEMMs (report section 3.3) with a `custom_vjp`.
 
 Letters: N tokens (all leading dims of x flattened), K input features, M output features,
-S number of 128-wide slices of a GEMM's contraction dim. Quantisation lives in `fp8_quant`.
+S number of 128-wide slices of a GEMM's contraction dim. Quantisation lives in `fp8_quant`, the
+routed experts' grouped GEMMs (the recipes' `grouped` and `routed_grouped`) in `fp8_grouped`.
 
 The three GEMMs of a linear layer y = x @ w, each with FP8 operands:
 
@@ -42,6 +43,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.ops.fp8_grouped import (
+    Route,
+    fp8_ragged_dot,
+    fp8_routed_ragged_dots,
+    per_tensor_fp8_ragged_dot,
+)
 from deepseek_jax.ops.fp8_quant import (
     DEFAULT_TILE,
     E4M3,
@@ -64,6 +71,7 @@ __all__ = [
     "dequantize_blockwise_2d",
     "dequantize_tiles",
     "fp8_matmul",
+    "fp8_ragged_dot",
     "fp8_max",
     "per_tensor_fp8_matmul",
     "quantize_blockwise_2d",
@@ -269,6 +277,17 @@ class Fp8Recipe:
     def __call__(self, x: Array, w: Array) -> Array:
         return self.matmul(x, w)
 
+    def grouped(self, x: Array, w: Array, group_sizes: Array) -> Array:
+        """`lax.ragged_dot(x [M, K], w [G, K, N], group_sizes [G])` -> [M, N] in FP8 (fp8_grouped)."""
+        return fp8_ragged_dot(x, w, group_sizes, self.tile, self.fp8_dtype, self.grad_fp8_dtype)
+
+    def routed_grouped(self, x: Array, ws: tuple[Array, ...], group_sizes: Array, route: Route,
+                       route_args: tuple[Array, ...]) -> tuple[Array, ...]:
+        """route(x [n, K]) @ w_g for each w [G, K, N_i] -> [M, N_i], x quantised before the route, which
+        then moves FP8 rows and their 1 x tile scales (the report's FP8 dispatch)."""
+        return fp8_routed_ragged_dots(x, ws, group_sizes, route, route_args, self.tile, self.fp8_dtype,
+                                      self.grad_fp8_dtype)
+
 
 @dataclasses.dataclass(frozen=True)
 class PerTensorFp8Recipe:
@@ -289,6 +308,18 @@ class PerTensorFp8Recipe:
 
     def __call__(self, x: Array, w: Array) -> Array:
         return self.matmul(x, w)
+
+    def grouped(self, x: Array, w: Array, group_sizes: Array) -> Array:
+        """`lax.ragged_dot(x [M, K], w [G, K, N], group_sizes [G])` -> [M, N], per-tensor FP8 (one scale
+        for x, one per expert's weight, one for dy)."""
+        return per_tensor_fp8_ragged_dot(x, w, group_sizes, self.fp8_dtype, self.grad_fp8_dtype)
+
+    def routed_grouped(self, x: Array, ws: tuple[Array, ...], group_sizes: Array, route: Route,
+                       route_args: tuple[Array, ...]) -> tuple[Array, ...]:
+        """route(x) @ w_g for each w. The rows move in x's dtype: a per-tensor scale belongs to the rows
+        one GEMM sees (with expert parallelism, those a device receives), not to a sender's tokens."""
+        x_m = route(x, *route_args)
+        return tuple(self.grouped(x_m, w, group_sizes) for w in ws)
 
 
 RECIPES = ("fine_grained", "per_tensor")

@@ -16,6 +16,14 @@ expert weights over 'expert' (replicated over 'data'). Each device:
    (`lax.ragged_dot`), empty slots last and outside every group;
 4. `all_to_all` back, then combines y_n = sum_k w_{n,k} * out(n, k) over the kept pairs.
 
+FP8 (a recipe): as in the report (section 3.3.3), each device quantises its tokens in 1 x 128 tiles
+before step 1, steps 1-2 move the FP8 values and their float32 scales, and the gate and up projections
+of step 3 consume those FP8 rows (their activation tiles; no dequantise/requantise). The combine
+(step 4) and every backward all-to-all stay in the compute dtype. Step 3's GEMMs are FP8
+(ops/fp8_grouped.py); the Wgrad token tiles are per local expert within one device's rows, so with
+data parallelism they differ from a single-device run's (the expert's rows of each data shard are tiled
+on their own; Fprop and Dgrad, row-wise, are identical).
+
 With `capacity_factor=0` (the default) C = n*min(K, E_l), the most one destination can receive from n
 tokens, so nothing is ever dropped and the result equals `dense_dispatch`. The buffers are padded to C
 rows per destination because XLA:CPU has no `ragged_all_to_all`; on GPU/TPU that collective would send
@@ -27,17 +35,15 @@ for the benchmark.
 
 from __future__ import annotations
 
+import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.model import remat
-from deepseek_jax.model.experts import ExpertWeights
+from deepseek_jax.model.experts import ExpertWeights, GroupedRecipe, grouped_swiglu
 
 
 def capacity(n: int, K: int, E_l: int, ep: int, capacity_factor: float) -> int:
@@ -53,9 +59,9 @@ def capacity(n: int, K: int, E_l: int, ep: int, capacity_factor: float) -> int:
     return min(dropless, max(1, math.ceil(capacity_factor * n * K / ep)))
 
 
-def _pack(x_nD, indices_nK, E_l: int, ep: int, C: int):
-    """Places each pair in its destination's block. Returns (send_x [R, D], local expert ids [R] with
-    E_l in empty slots, slot of each pair [M] (R where dropped), dropped count)."""
+def _pack(indices_nK, E_l: int, ep: int, C: int):
+    """Places each pair in its destination's block. Returns (slot of each pair [M] (R where dropped),
+    local expert ids [R] with E_l in empty slots, dropped count)."""
     n, K = indices_nK.shape
     e_M = indices_nK.reshape(-1)
     dest_M = e_M // E_l
@@ -64,32 +70,35 @@ def _pack(x_nD, indices_nK, E_l: int, ep: int, C: int):
     pos_M = jnp.sum(jnp.cumsum(onehot_Mp, axis=0) * onehot_Mp, axis=-1) - 1
     kept_M = pos_M < C
     slot_M = jnp.where(kept_M, dest_M * C + pos_M, ep * C)
-    token_M = jnp.arange(n * K) // K
-    send_xRD = jnp.zeros((ep * C, x_nD.shape[1]), x_nD.dtype).at[slot_M].set(x_nD[token_M], mode="drop")
     send_eR = jnp.full((ep * C,), E_l, jnp.int32).at[slot_M].set(e_M % E_l, mode="drop")
-    return send_xRD, send_eR, slot_M, jnp.sum(~kept_M).astype(jnp.float32)
+    return slot_M, send_eR, jnp.sum(~kept_M).astype(jnp.float32)
 
 
-def _local_experts(x_RD, e_R, w: ExpertWeights):
-    """Runs the E_l local experts on the received rows. Rows with id E_l (empty slots) sort last, past
-    every group; `ragged_dot` leaves them zero, and nothing reads them back. Returns [R, D]."""
-    gate, up, down = w
-    order = jnp.argsort(e_R, stable=True)
-    sizes = jnp.bincount(e_R, length=gate.shape[0] + 1)[:-1].astype(jnp.int32)
-    x_sorted = x_RD[order]
-    gate_RF = checkpoint_name(jax.lax.ragged_dot(x_sorted, gate, sizes), remat.EXPERTS)
-    up_RF = checkpoint_name(jax.lax.ragged_dot(x_sorted, up, sizes), remat.EXPERTS)
-    out_RD = checkpoint_name(jax.lax.ragged_dot(nn.silu(gate_RF) * up_RF, down, sizes), remat.EXPERTS)
-    return jnp.zeros_like(out_RD).at[order].set(out_RD)
+def _dispatch_rows(a_nC, slot_M, order_R, *, K: int, R: int, axis: str):
+    """The route to the experts: a token's row to each of its kept pairs' slots, `all_to_all` over
+    `axis`, then the received rows sorted by local expert. a [n, C] (any dtype) -> [R, C]."""
+    send_RC = jnp.zeros((R,) + a_nC.shape[1:], a_nC.dtype).at[slot_M].set(
+        jnp.repeat(a_nC, K, axis=0), mode="drop")
+    return jax.lax.all_to_all(send_RC, axis, 0, 0, tiled=True)[order_R]
 
 
 def _device_dispatch(x_nD, weights_nK, indices_nK, gate, up, down, *, ep: int, C: int, axis: str,
-                     token_axes: tuple[str, ...]):
-    """The shard_map body: one device's tokens through the experts of all ep devices."""
+                     token_axes: tuple[str, ...], recipe: GroupedRecipe | None):
+    """The shard_map body: one device's tokens through the experts of all ep devices.
+
+    The received rows are sorted by local expert: empty slots (id E_l) sort last, past every group;
+    the grouped GEMMs leave them zero and nothing reads them back. With a recipe, x is quantised here,
+    before the all_to_all, which then moves FP8 rows and their float32 tile scales."""
     n, K = indices_nK.shape
-    send_xRD, send_eR, slot_M, dropped = _pack(x_nD, indices_nK, gate.shape[0], ep, C)
+    E_l = gate.shape[0]
+    slot_M, send_eR, dropped = _pack(indices_nK, E_l, ep, C)
     to_experts = lambda a: jax.lax.all_to_all(a, axis, 0, 0, tiled=True)  # noqa: E731
-    out_RD = _local_experts(to_experts(send_xRD), to_experts(send_eR), (gate, up, down))
+    recv_eR = to_experts(send_eR)
+    order_R = jnp.argsort(recv_eR, stable=True)
+    sizes = jnp.bincount(recv_eR, length=E_l + 1)[:-1].astype(jnp.int32)
+    route = functools.partial(_dispatch_rows, K=K, R=ep * C, axis=axis)
+    out_sorted = grouped_swiglu(x_nD, route, (slot_M, order_R), sizes, (gate, up, down), recipe)
+    out_RD = jnp.zeros_like(out_sorted).at[order_R].set(out_sorted)
     back_RD = to_experts(out_RD)  # Block i returns to device i: the all_to_all is its own inverse.
     out_nKD = jnp.take(back_RD, slot_M, axis=0, mode="fill", fill_value=0).reshape(n, K, -1)
     y_nD = jnp.einsum("nK,nKD->nD", weights_nK.astype(out_nKD.dtype), out_nKD).astype(x_nD.dtype)
@@ -98,13 +107,15 @@ def _device_dispatch(x_nD, weights_nK, indices_nK, gate, up, down, *, ep: int, C
 
 def ep_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray, w: ExpertWeights, *,
                 capacity_factor: float = 0.0, axis: str = "expert",
-                batch_axes: tuple[str, ...] = ("data", "expert")) -> tuple[jnp.ndarray, jnp.ndarray]:
+                batch_axes: tuple[str, ...] = ("data", "expert"), recipe: GroupedRecipe | None = None
+                ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Expert-parallel dispatch under the context mesh (`jax.set_mesh`).
 
     x_ND [N, D] global tokens, weights_NK float32 [N, K], indices_NK int32 [N, K] global expert ids
     (distinct per token, as top-k gives), w = (gate [E, D, F], up [E, D, F], down [E, F, D]).
     Tokens are sharded over those of `batch_axes` the mesh has (which must include `axis`), experts
     over `axis`; mesh axes outside those stay automatic (the experts' math is replicated over them).
+    `recipe`: FP8 recipe for the expert GEMMs and the dispatch payload (module docstring), or None.
     Returns (y [N, D] in x's dtype, dropped: float32 scalar, the (token, expert) pairs the capacity
     dropped over the whole global batch; always 0 when capacity_factor == 0).
     """
@@ -134,14 +145,15 @@ def ep_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndar
     C = capacity(N // shards, K, E // ep, ep, capacity_factor)
     tokens, experts = P(token_axes), P(axis)
     body = jax.shard_map(
-        lambda *a: _device_dispatch(*a, ep=ep, C=C, axis=axis, token_axes=token_axes), mesh=mesh,
+        lambda *a: _device_dispatch(*a, ep=ep, C=C, axis=axis, token_axes=token_axes, recipe=recipe),
+        mesh=mesh,
         in_specs=(tokens, tokens, tokens, experts, experts, experts), out_specs=(tokens, P()),
         axis_names=frozenset(token_axes))
     return body(x_ND, weights_NK, indices_NK, gate, up, down)
 
 
-def dispatch_bytes(n_tokens_per_device: int, K: int, D: int, ep: int, capacity: int, itemsize: int
-                   ) -> dict[str, int]:
+def dispatch_bytes(n_tokens_per_device: int, K: int, D: int, ep: int, capacity: int, itemsize: int,
+                   fp8_tile: int = 0) -> dict[str, int]:
     """Bytes one device sends to other devices per MoE layer (forward), padding included.
 
     ep_dispatch / ep_combine: the (ep-1) off-device blocks of C rows x D of the two all-to-alls (the
@@ -150,11 +162,15 @@ def dispatch_bytes(n_tokens_per_device: int, K: int, D: int, ep: int, capacity: 
     (n*K*(ep-1)/ep each); the real payload is data-dependent, see `payload_rows`.
     allgather / reduce_scatter: the baseline in which every device gathers the other devices' n tokens,
     runs its experts on all of them, and reduce-scatters the partial outputs back.
+    fp8_tile > 0: the FP8 dispatch, 1 byte per value plus a float32 scale per 1 x fp8_tile tile of a row;
+    the combine stays at `itemsize`.
     """
     n, C = n_tokens_per_device, capacity
-    block = C * D * itemsize
-    out = {"ep_dispatch": (ep - 1) * block, "ep_combine": (ep - 1) * block, "ep_ids": (ep - 1) * C * 4,
-           "ep_uniform_payload": 2 * n * K * (ep - 1) * D * itemsize // ep,
+    row_out = D * itemsize
+    row_in = D + 4 * -(-D // fp8_tile) if fp8_tile else row_out
+    out = {"ep_dispatch": (ep - 1) * C * row_in, "ep_combine": (ep - 1) * C * row_out,
+           "ep_ids": (ep - 1) * C * 4,
+           "ep_uniform_payload": n * K * (ep - 1) * (row_in + row_out) // ep,
            "allgather": (ep - 1) * n * D * itemsize, "reduce_scatter": (ep - 1) * n * D * itemsize}
     out["ep_total"] = out["ep_dispatch"] + out["ep_combine"] + out["ep_ids"]
     out["allgather_total"] = out["allgather"] + out["reduce_scatter"]

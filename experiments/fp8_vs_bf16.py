@@ -13,7 +13,9 @@ steps, tokens seen) and fp8_vs_bf16.png. DeepSeek-V3 reports a relative loss err
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import platform
 import tempfile
 
 import matplotlib
@@ -47,7 +49,7 @@ def run(name: str, steps: int, workdir: str) -> dict:
     columns = read_csv(str(pathlib.Path(workdir) / "metrics.csv"))
     rows = ~np.isnan(columns["loss"])
     return {"step": columns["step"][rows].tolist(), "main_loss": columns["main_loss"][rows].tolist(),
-            "final_eval_bpb": summary["final_eval_bpb"],
+            "final_eval_bpb": summary["final_eval_bpb"], "train_seconds": summary["seconds"],
             "tokens": steps * config.data.batch_size * config.data.seq_len}
 
 
@@ -63,7 +65,9 @@ def main(argv) -> None:
         r["mean_loss_last_10pct"] = float(np.mean(r["main_loss"][-tail:]))
         r["relative_loss_difference_vs_bf16"] = float((r["mean_loss_last_10pct"] - base) / base)
     out = {"config": f"configs/{_CONFIG.value}.py", "steps": steps, "tokens_per_run": runs["bf16"]["tokens"],
-           "note": "relative difference of the mean training loss over the last 10% of steps", "runs": runs}
+           "note": "relative difference of the mean training loss over the last 10% of steps",
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only (float8 emulated by XLA:CPU)",
+           "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "fp8_vs_bf16.json").write_text(json.dumps(out, indent=1))
     fig, ax = plt.subplots(figsize=(8, 4.5))

@@ -9,9 +9,24 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((ROOT / "experiments" / "notebooks").glob("*.ipynb"))
 
+# Appended before a notebook's own overrides (it runs before the notebook imports jax): shrunk runs are
+# compile-bound, so skip XLA's expensive CPU passes (same numerics) and share compilations across runs
+# through JAX's persistent cache, as tests/conftest.py does.
+FAST = ('import os, tempfile\n'
+        'os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + '
+        '" --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"\n'
+        'os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "deepseek_jax_jax_cache")\n'
+        'os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"\n')
+
 # Per-notebook overrides appended to the cell tagged "parameters".
 SHRINK = {
     "01_quickstart.ipynb": "STEPS = 6\nPLOT_EVERY = 3\nSAMPLE_TOKENS = 8",
+    "02_mla.ipynb": FAST + "PARITY_TOKENS = 8\nSPEED_CONFIG = 'tiny'\nCONTEXTS = (32,)\nNEW_TOKENS = 4",
+    "03_moe_balancing.ipynb": FAST + "STEPS = 4\nBATCH_SIZE = 2\nSEQ_LEN = 32\nPROBE_EVERY = 2",
+    "04_mtp.ipynb": FAST + "STEPS = 4\nBATCH_SIZE = 2\nSEQ_LEN = 32\nPLOT_EVERY = 2\nPROBE_EVERY = 4\nPROMPTS = 2\n"
+                    "PROMPT_LEN = 8\nNEW_TOKENS = 6",
+    "05_pipelines.ipynb": FAST + "BUBBLE_PP = (4, 8)\nRUN_SCHEDULES = ('1f1b',)\nSEQ_LEN = 16\nTRAIN_STEPS = 1",
+    "08_hf_checkpoint.ipynb": FAST + "SEQ_LEN = 8\nGREEDY_TOKENS = 4",
 }
 
 

@@ -44,7 +44,7 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on (too many consecutive non-finite steps)."""
 
 
-class _SigtermFlag:
+class SigtermFlag:
     """Turns SIGTERM into a flag the loop checks between steps (restored on exit)."""
 
     def __enter__(self):
@@ -246,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     progress = _Progress(start, t.steps, tokens_per_step, enabled=lead)
     pending, started = None, time.perf_counter()
-    with _SigtermFlag() as sigterm, devices.context():
+    with SigtermFlag() as sigterm, devices.context():
         for step in range(start, t.steps):
             state, metrics = step_fn(state, devices.batch(next(train_iter)))
             if ema:

@@ -1,24 +1,23 @@
 """GRPO on arithmetic with the tiny model: a supervised warm start, then RL, against continuing SFT.
 
-    python experiments/grpo_arithmetic.py [--workdir=runs/grpo_arithmetic] [--sft_steps=...] [--grpo_steps=...]
+    python experiments/grpo_arithmetic.py [--workdir=runs/grpo_arithmetic] [--config.rl.sft.steps=...]
 
-1. Solved training problems of configs/grpo_arithmetic.py's task -> sft.jsonl (held-out prompts excluded).
-2. SFT: `train_and_evaluate` (what `python -m deepseek_jax.train` runs) on them for --sft_steps.
-3. GRPO from that checkpoint for --grpo_steps (`train_grpo`, what `python -m deepseek_jax.grpo` runs).
-4. Control: the SFT run resumed (same data stream, same constant learning rate) for as much compute as
-   GRPO used, counted in model token passes (a forward pass over one token = 1, forward + backward = 3):
-   GRPO's rollouts (prefill + decode over the padded width), its old/reference scoring passes and its
-   mu updates per batch; SFT's batch x seq_len x 3 per step.
-5. Greedy accuracy of the three policies on the same held-out prompts, with 95% Wilson intervals and
-   paired intervals of the gains.
-Writes experiments/results/grpo_arithmetic.json, grpo_arithmetic.png (held-out accuracy against
-compute, GRPO's rewards over steps) and grpo_arithmetic_reward.png (the run's own reward.png).
+All settings come from configs/grpo_arithmetic.py (overridable with --config.*):
+1. SFT (`train_sft`, i.e. python -m deepseek_jax.grpo --sft) from random weights on worked solutions.
+2. GRPO (`train_grpo`) from that checkpoint, on fresh training prompts that come with answers only.
+3. Control: the SFT run resumed (same examples, same constant learning rate, same optimizer state) for
+   as much compute as GRPO used, counted in model token passes over padded rows (a forward pass over
+   one token = 1, forward + backward = 3): GRPO's rollouts (prompt + generation budget per completion),
+   its old/reference scoring passes and its mu updates per batch; SFT's 3 per token of its batches.
+4. Greedy accuracy of the three checkpoints on the same held-out prompts, with 95% Wilson intervals
+   and paired 95% intervals of the differences.
+Writes experiments/results/grpo_arithmetic.json, grpo_arithmetic.png (held-out accuracy against compute
+for the three phases; GRPO's rewards per step) and grpo_arithmetic_reward.png (the run's reward.png).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -30,42 +29,37 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from deepseek_jax import defaults  # noqa: E402
 from deepseek_jax.data import tokenizers  # noqa: E402
 from deepseek_jax.infer import checkpoints  # noqa: E402
 from deepseek_jax.rl import evaluation, tasks  # noqa: E402
 from deepseek_jax.rl.plots import smooth  # noqa: E402
+from deepseek_jax.rl.sft import train_sft  # noqa: E402
 from deepseek_jax.rl.trainer import train_grpo  # noqa: E402
-from deepseek_jax.train.loop import train_and_evaluate  # noqa: E402
 from deepseek_jax.train.metrics import read_csv  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
-CONFIG = str(ROOT / "configs" / "grpo_arithmetic.py")
+_CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "grpo_arithmetic.py"), "Config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/grpo_arithmetic", "Where the three runs go (replaced).")
-_SFT_STEPS = flags.DEFINE_integer("sft_steps", None, "Supervised warm-start steps (default: the config's).")
-_GRPO_STEPS = flags.DEFINE_integer("grpo_steps", None, "GRPO steps (default: the config's).")
-_SFT_EXAMPLES = flags.DEFINE_integer("sft_examples", 50000, "Solved problems written for SFT (a stream "
-                                     "longer than both SFT runs read, so the control sees fresh ones).")
-_CURVE_POINTS = flags.DEFINE_integer("curve_points", 4, "Held-out evaluations along the continued SFT.")
+_CONTROL_EVALS = flags.DEFINE_integer("control_evals", 4, "Held-out evaluations along the continued SFT.")
 
 
-def grpo_compute_per_step(config) -> int:
-    """Token passes of one GRPO step (see the module docstring)."""
+def grpo_token_passes_per_step(config) -> int:
     rl = config.rl
-    n, width = rl.prompts_per_step * rl.group_size, rl.max_prompt_tokens + rl.max_new_tokens
-    scoring = (rl.updates_per_batch > 1) + (rl.kl_beta > 0)
-    return n * width * (1 + scoring + 3 * rl.updates_per_batch)
+    rows, width = rl.prompts_per_step * rl.group_size, rl.max_prompt_tokens + rl.max_new_tokens
+    scoring = int(rl.updates_per_batch > 1) + int(rl.kl_beta > 0)
+    return rows * width * (1 + scoring + 3 * rl.updates_per_batch)
 
 
-def sft_compute_per_step(config) -> int:
-    return 3 * config.data.batch_size * config.data.seq_len
+def sft_token_passes_per_step(config) -> int:
+    return 3 * config.rl.sft.batch_size * (config.rl.max_prompt_tokens + config.rl.max_new_tokens)
 
 
-def held_out(config, workdir: str, step: int | None = None) -> np.ndarray:
-    """Greedy correctness [num_eval] of a checkpoint (a training or a GRPO run: both save a TrainState)."""
-    cfg, variables, _ = checkpoints.load_trained(config, workdir, step=step)
+def held_out(config, workdir: str) -> np.ndarray:
+    """Greedy correctness [num_eval] of the latest checkpoint in `workdir`."""
+    cfg, variables, _ = checkpoints.load_trained(config, workdir)
     task = tasks.make_task(config.rl.task, config.seed)
     correct, _ = evaluation.greedy_correct(
         cfg, variables, tokenizers.make_tokenizer(config.data), task.eval_examples,
@@ -79,120 +73,99 @@ def describe(correct: np.ndarray) -> dict:
     return {"accuracy": float(correct.mean()), "ci95": [lo, hi], "n": int(len(correct))}
 
 
-def gain(after: np.ndarray, before: np.ndarray) -> dict:
+def difference(after: np.ndarray, before: np.ndarray) -> dict:
     g, lo, hi = evaluation.paired_gain_interval(after, before)
     return {"gain": g, "ci95": [lo, hi]}
+
+
+def eval_curve(workdir: str, passes_per_step: int, offset: int = 0) -> list[tuple[int, float]]:
+    columns = read_csv(os.path.join(workdir, "metrics.csv"))
+    logged = ~np.isnan(columns["eval_accuracy"])
+    return [(offset + int(s) * passes_per_step, float(a))
+            for s, a in zip(columns["step"][logged], columns["eval_accuracy"][logged])]
 
 
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
+    config = _CONFIG.value
     work = pathlib.Path(_WORKDIR.value).absolute()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    sft_dir, grpo_dir, cont_dir = str(work / "sft"), str(work / "grpo"), str(work / "sft_continued")
+    sft_dir, grpo_dir, control_dir = str(work / "sft"), str(work / "grpo"), str(work / "sft_continued")
     started, seconds = time.perf_counter(), {}
 
-    sft_config = defaults.load_config(CONFIG + ":stage=sft")
-    sft_config.data.path = str(work / "sft.jsonl")
-    if _SFT_STEPS.value:
-        sft_config.train.steps = _SFT_STEPS.value
-    sft_steps = sft_config.train.steps
-    sft_config.checkpoint.every = sft_steps
-    task = tasks.make_task(sft_config.rl.task, sft_config.seed)
-    tasks.write_sft_jsonl(task.train_examples(0, _SFT_EXAMPLES.value), sft_config.data.path)
+    def timed(name, fn, *args):
+        tick = time.perf_counter()
+        out = fn(*args)
+        seconds[name] = time.perf_counter() - tick
+        return out
 
-    tick = time.perf_counter()
-    train_and_evaluate(sft_config, sft_dir)
-    seconds["sft"] = time.perf_counter() - tick
+    sft_config = config.copy_and_resolve_references()
+    sft_steps = sft_config.rl.sft.steps
+    timed("sft", train_sft, sft_config, sft_dir)
 
-    grpo_config = defaults.load_config(CONFIG)
+    grpo_config = config.copy_and_resolve_references()
     grpo_config.rl.init_from = sft_dir
-    if _GRPO_STEPS.value:
-        grpo_config.train.steps = _GRPO_STEPS.value
-    tick = time.perf_counter()
-    grpo_summary = train_grpo(grpo_config, grpo_dir)
-    seconds["grpo"] = time.perf_counter() - tick  # Its held-out evaluations included.
+    timed("grpo", train_grpo, grpo_config, grpo_dir)  # Its held-out evaluations included.
 
-    grpo_compute = grpo_compute_per_step(grpo_config) * grpo_config.train.steps
-    extra_steps = max(1, round(grpo_compute / sft_compute_per_step(sft_config)))
-    shutil.copytree(sft_dir, cont_dir)
-    cont_config = defaults.load_config(CONFIG + ":stage=sft")
-    cont_config.data.path = sft_config.data.path
-    cont_config.train.steps = sft_steps + extra_steps
-    cont_config.checkpoint.every = max(1, math.ceil(extra_steps / _CURVE_POINTS.value))
-    cont_config.checkpoint.keep = _CURVE_POINTS.value + 2
-    tick = time.perf_counter()
-    train_and_evaluate(cont_config, cont_dir)
-    seconds["sft_continued"] = time.perf_counter() - tick
+    grpo_passes = grpo_token_passes_per_step(grpo_config) * grpo_config.train.steps
+    extra_steps = max(1, round(grpo_passes / sft_token_passes_per_step(sft_config)))
+    shutil.copytree(sft_dir, control_dir)
+    control_config = config.copy_and_resolve_references()
+    control_config.rl.sft.steps = sft_steps + extra_steps
+    control_config.rl.sft.eval_every = max(1, extra_steps // _CONTROL_EVALS.value)
+    timed("sft_continued", train_sft, control_config, control_dir)
 
-    tick = time.perf_counter()
-    correct = {"sft": held_out(grpo_config, sft_dir), "grpo": held_out(grpo_config, grpo_dir),
-               "sft_continued": held_out(grpo_config, cont_dir)}
-    cont_curve = []
-    for step in sorted(checkpoints_steps(cont_dir)):
-        if sft_steps < step < cont_config.train.steps:
-            accuracy = float(held_out(grpo_config, cont_dir, step).mean())
-            cont_curve.append(((step - sft_steps) * sft_compute_per_step(sft_config), accuracy))
-    seconds["final_evaluations"] = time.perf_counter() - tick
+    correct = timed("final_evaluations", lambda: {name: held_out(grpo_config, d) for name, d in
+                                                  (("sft", sft_dir), ("grpo", grpo_dir), ("sft_continued", control_dir))})
     seconds["total"] = time.perf_counter() - started
 
-    columns = read_csv(os.path.join(grpo_dir, "metrics.csv"))
-    evaluated = ~np.isnan(columns["eval_accuracy"])
-    grpo_curve = [(int(s) * grpo_compute_per_step(grpo_config), float(a))
-                  for s, a in zip(columns["step"][evaluated], columns["eval_accuracy"][evaluated])]
-    cont_curve = [(0, float(correct["sft"].mean()))] + cont_curve + [(extra_steps * sft_compute_per_step(sft_config),
-                                                                        float(correct["sft_continued"].mean()))]
+    sft_passes = sft_token_passes_per_step(sft_config)
+    warm = sft_steps * sft_passes
     result = {
-        "task": {k: sft_config.rl.task[k] for k in ("digits", "operations", "num_eval")},
-        "sft": {"steps": sft_steps, "batch": [sft_config.data.batch_size, sft_config.data.seq_len],
-                "learning_rate": sft_config.train.learning_rate, **describe(correct["sft"])},
-        "grpo": {"steps": grpo_config.train.steps, "rl": grpo_config.rl.to_dict(),
-                 "learning_rate": grpo_config.train.learning_rate, "token_passes": grpo_compute,
-                 **describe(correct["grpo"]), "gain_over_sft": gain(correct["grpo"], correct["sft"]),
-                 "gain_over_sft_continued": gain(correct["grpo"], correct["sft_continued"]),
-                 "initial_eval_accuracy_in_run": grpo_summary.get("initial_eval_accuracy")},
-        "sft_continued": {"extra_steps": extra_steps, "token_passes": extra_steps * sft_compute_per_step(sft_config),
+        "config": config.to_dict(),
+        "sft": {"steps": sft_steps, "token_passes": warm, **describe(correct["sft"])},
+        "grpo": {"steps": grpo_config.train.steps, "token_passes": grpo_passes, **describe(correct["grpo"]),
+                 "gain_over_sft": difference(correct["grpo"], correct["sft"]),
+                 "gain_over_sft_continued": difference(correct["grpo"], correct["sft_continued"])},
+        "sft_continued": {"extra_steps": extra_steps, "token_passes": extra_steps * sft_passes,
                           **describe(correct["sft_continued"]),
-                          "gain_over_sft": gain(correct["sft_continued"], correct["sft"])},
-        "curves": {"grpo_eval_accuracy": grpo_curve, "sft_continued_eval_accuracy": cont_curve},
+                          "gain_over_sft": difference(correct["sft_continued"], correct["sft"])},
+        "curves": {"sft": eval_curve(sft_dir, sft_passes),
+                   "grpo": eval_curve(grpo_dir, grpo_token_passes_per_step(grpo_config), warm),
+                   "sft_continued": [p for p in eval_curve(control_dir, sft_passes) if p[0] >= warm]},
         "wall_seconds": seconds,
-        "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()},
+        "machine": {"cpus": os.cpu_count(), "load_average_1_5_15_min_at_end": os.getloadavg()},
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "grpo_arithmetic.json").write_text(json.dumps(result, indent=1))
-    plot(result, columns, RESULTS / "grpo_arithmetic.png")
+    plot(result, read_csv(os.path.join(grpo_dir, "metrics.csv")), RESULTS / "grpo_arithmetic.png")
     shutil.copyfile(os.path.join(grpo_dir, "reward.png"), RESULTS / "grpo_arithmetic_reward.png")
-    print(json.dumps({k: result[k] for k in ("sft", "sft_continued", "wall_seconds")}, indent=1))
-    print(json.dumps({k: v for k, v in result["grpo"].items() if k != "rl"}, indent=1))
-
-
-def checkpoints_steps(workdir: str) -> list[int]:
-    directory = pathlib.Path(workdir) / "checkpoints"
-    return [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    print(json.dumps({k: v for k, v in result.items() if k not in ("config", "curves")}, indent=1))
 
 
 def plot(result: dict, columns: dict, path: pathlib.Path) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.3))
-    for name, key, style in (("GRPO", "grpo_eval_accuracy", "o-"), ("continued SFT", "sft_continued_eval_accuracy", "s--")):
-        x, y = zip(*result["curves"][key])
-        left.plot(np.array(x) / 1e6, np.array(y) * 100, style, label=name)
-    for name in ("grpo", "sft_continued"):
-        lo, hi = result[name]["ci95"]
-        x = result[name]["token_passes"] / 1e6
-        left.errorbar([x], [result[name]["accuracy"] * 100], yerr=[[(result[name]["accuracy"] - lo) * 100],
-                                                                     [(hi - result[name]["accuracy"]) * 100]],
-                      fmt="none", ecolor="k", capsize=4)
-    left.set_xlabel("compute after the SFT warm start (million token passes)")
-    left.set_ylabel("greedy accuracy on held-out prompts (%)")
-    left.set_title(f"{result['task']['digits']}-digit {result['task']['operations']}, "
-                   f"{result['sft']['n']} held-out prompts (95% intervals)")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+    for name, label, style in (("sft", "SFT warm start", "k.-"), ("grpo", "GRPO", "o-"),
+                               ("sft_continued", "continued SFT (same compute)", "s--")):
+        x, y = zip(*result["curves"][name])
+        line, = left.plot(np.array(x) / 1e6, np.array(y) * 100, style, label=label)
+        if name != "sft":  # The final checkpoint's 95% interval.
+            r = result[name]
+            left.errorbar([x[-1] / 1e6], [r["accuracy"] * 100], yerr=[[(r["accuracy"] - r["ci95"][0]) * 100],
+                                                                     [(r["ci95"][1] - r["accuracy"]) * 100]],
+                          fmt="none", ecolor=line.get_color(), capsize=4)
+    task = result["config"]["rl"]["task"]
+    left.set_xlabel("compute (million token passes: forward 1, forward + backward 3)")
+    left.set_ylabel("greedy accuracy, held-out prompts (%)")
+    left.set_title(f"{task['digits']}-digit '{task['operations']}', {task['num_eval']} held-out prompts")
     step = columns["step"]
-    for name in ("reward", "accuracy", "reward_format"):
+    for name in ("reward", "accuracy", "reward_format", "zero_variance_groups"):
         logged = ~np.isnan(columns[name])
-        right.plot(step[logged], smooth(columns[name][logged], 5), label=f"{name} (sampled, smoothed)")
+        right.plot(step[logged], smooth(columns[name][logged], 5), label=name)
     right.set_xlabel("GRPO step")
-    right.set_title("GRPO rollouts")
+    right.set_title("GRPO rollouts (sampled, moving average of 5 steps)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend()

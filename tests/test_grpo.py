@@ -18,6 +18,7 @@ from deepseek_jax.rl import config as rl_config
 from deepseek_jax.rl import objective, policy, rollout, update
 from deepseek_jax.rl.objective import LossSettings
 from deepseek_jax.rl.tasks import Example
+from deepseek_jax.rl.sft import sft_batch, train_sft
 from deepseek_jax.rl.trainer import train_grpo
 from deepseek_jax.train import checkpoint as checkpoint_lib
 from deepseek_jax.train import step as step_lib
@@ -165,7 +166,7 @@ def test_gradient_at_the_old_policy_is_the_policy_gradient(loss_type):
 def micro(tmp_path_factory):
     """The micro model without MTP, with variables drawn on the host (no init program to compile)."""
     config = micro_run_config(tmp_path_factory.mktemp("micro"), write_corpus=False)
-    config.model.update(num_nextn_predict_layers=0, moe_dispatch="dense")
+    config.model.update(num_nextn_predict_layers=0, moe_dispatch="dense", num_hidden_layers=1)
     cfg = ModelConfig.from_dict(config.model)
     rng = np.random.default_rng(0)
 
@@ -195,10 +196,10 @@ def micro_grpo_config(tmp_path, **rl_overrides):
     base = micro_run_config(tmp_path, write_corpus=False)
     config = rl_config.grpo_base_config()
     config.model, config.data = base.model, base.data  # The data group only supplies the tokenizer.
-    config.model.num_nextn_predict_layers = 0
-    config.model.moe_dispatch = "dense"
+    # One dense layer (cheap to compile) and the micro model's MTP module, a MoE block GRPO never runs.
+    config.model.update(moe_dispatch="dense", num_hidden_layers=1)
     config.rl.task.update(digits=1, operations="+", num_eval=6)
-    config.rl.update(prompts_per_step=2, group_size=3, updates_per_batch=2, max_prompt_tokens=4, max_new_tokens=6,
+    config.rl.update(prompts_per_step=2, group_size=3, updates_per_batch=2, max_prompt_tokens=4, max_new_tokens=40,
                      eval_every=1, eval_batch_size=4, kl_beta=0.04)
     config.rl.update(**rl_overrides)
     config.train.update(steps=1, warmup_steps=0, learning_rate=1e-3)
@@ -209,10 +210,18 @@ def micro_grpo_config(tmp_path, **rl_overrides):
 def test_config_errors_name_the_field(tmp_path):
     for key, value, match in [("group_size", 1, "rl.group_size"), ("temperature", 0.0, "rl.temperature"),
                               ("loss_type", "ppo", "rl.loss_type"), ("clip_low", 1.5, "rl.clip_low"),
-                              ("max_new_tokens", 100, "max_position_embeddings")]:
+                              ("max_new_tokens", 61, "max_position_embeddings")]:
         config = micro_grpo_config(tmp_path, **{key: value})
         with pytest.raises(ValueError, match=match):
             rl_config.validate_rl_config(config)
+    config = micro_grpo_config(tmp_path)
+    config.rl.sft.batch_size = 0
+    with pytest.raises(ValueError, match="rl.sft.batch_size"):
+        rl_config.validate_rl_config(config)
+    config = micro_grpo_config(tmp_path)
+    config.rl.task.unlocked_typo = 1
+    with pytest.raises(ValueError, match=r"config.rl.task=\['unlocked_typo'\].*unknown or missing keys"):
+        rl_config.validate_rl_config(config)
     config = micro_grpo_config(tmp_path, init_from=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="rl.init_from.*neither a training run"):
         policy.load_policy(config, ModelConfig.from_dict(config.model))
@@ -258,11 +267,33 @@ def test_rollouts_group_completions_per_prompt(micro):
     assert len({tuple(row) for row in r.tokens[:3]}) > 1  # Different samples within a group.
 
 
-def test_one_grpo_step_runs_writes_its_outputs_and_resumes(tmp_path):
-    workdir = str(tmp_path / "run")
+def test_sft_batch_is_prompt_solution_end_then_padding():
+    from deepseek_jax.data.tokenizers import ByteTokenizer
+
+    tok = ByteTokenizer()
+    examples = [Example("1+2=", "3", "<a>3</a>"), Example("10+2=", "12", "<a>12</a>")]
+    batch = sft_batch(tok, examples, max_prompt_tokens=5, max_new_tokens=10)
+    row = list(tok.encode("1+2=<a>3</a>")) + [tok.eos_id]
+    np.testing.assert_array_equal(batch["tokens"][0], row + [tok.pad_id] * (15 - len(row)))
+    np.testing.assert_array_equal(batch["mask"][0], [0, 0, 0] + [1] * 9 + [0] * 2)  # Predicting "<a>3</a>" + eos.
+    assert batch["mask"][1].sum() == len("<a>12</a>") + 1
+    with pytest.raises(ValueError, match="rl.max_new_tokens=8"):
+        sft_batch(tok, examples, max_prompt_tokens=5, max_new_tokens=8)
+    with pytest.raises(ValueError, match="no worked solution"):
+        sft_batch(tok, [Example("1+2=", "3")], max_prompt_tokens=5, max_new_tokens=8)
+
+
+def test_sft_then_grpo_jobs_run_write_their_outputs_and_resume(tmp_path):
+    """A supervised step from random weights, then GRPO from that checkpoint (mu = 2, beta > 0, a model
+    with an MTP module GRPO does not run), then GRPO resumed for one more step."""
+    sft_dir, grpo_dir = str(tmp_path / "sft"), str(tmp_path / "grpo")
     config = micro_grpo_config(tmp_path)
-    summary = train_grpo(config, workdir)
-    with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
+    config.rl.sft.update(steps=1, batch_size=2, warmup_steps=0)
+    assert train_sft(config, sft_dir)["steps"] == 1
+    config.rl.init_from = sft_dir
+    summary = train_grpo(config, grpo_dir)
+    assert summary["policy_source"] == f"{sft_dir} step 1"
+    with open(os.path.join(grpo_dir, "metrics.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     row = rows[-1]
     for name in ("reward", "reward_accuracy", "reward_share_format", "accuracy", "zero_variance_groups",
@@ -271,7 +302,7 @@ def test_one_grpo_step_runs_writes_its_outputs_and_resumes(tmp_path):
     assert float(row["entropy"]) > 0 and float(row["completion_length"]) > 0
     assert float(row["kl"]) >= 0 and summary["steps"] == 1
     for name in ("reward.png", "summary.json", "config.json"):
-        assert os.path.isfile(os.path.join(workdir, name)), name
+        assert os.path.isfile(os.path.join(grpo_dir, name)), name
     config.train.steps = 2
-    summary = train_grpo(config, workdir)
+    summary = train_grpo(config, grpo_dir)
     assert summary["start_step"] == 1 and summary["steps"] == 2

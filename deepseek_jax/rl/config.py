@@ -29,6 +29,17 @@ def task_config() -> ml_collections.ConfigDict:
     return c
 
 
+def sft_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()  # The supervised warm start (python -m deepseek_jax.grpo --sft), rl/sft.py.
+    c.steps = 2000  # Optimizer steps.
+    c.batch_size = 16  # Worked examples per step.
+    c.num_examples = 0  # Train on passes over this many worked examples; 0 = a fresh stream (unlimited).
+    c.learning_rate = 3e-3  # After a linear warmup, constant (a resumed run continues at this rate).
+    c.warmup_steps = 20
+    c.eval_every = 500  # Steps between greedy held-out accuracy passes (also at step 0 and the end).
+    return c
+
+
 def rl_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # The starting policy, also the frozen reference: a training run's workdir (python -m deepseek_jax.train;
@@ -52,6 +63,7 @@ def rl_config() -> ml_collections.ConfigDict:
     c.reward_modules = ""  # Comma-separated modules imported at start-up (they register more rewards).
     c.eval_every = 20  # GRPO steps between greedy held-out accuracy passes (also at step 0 and the end).
     c.eval_batch_size = 250  # Held-out prompts decoded together.
+    c.sft = sft_config()
     return c
 
 
@@ -100,9 +112,11 @@ def validate_rl_config(config: ml_collections.ConfigDict) -> None:
     if "rl" not in config:
         raise ValueError("config has no 'rl' group; build GRPO configs on deepseek_jax.rl.config.grpo_base_config().")
     rl = config.rl
-    expected, unknown = set(rl_config().keys()), set(rl.keys()) - set(rl_config().keys())
-    _need(not unknown and expected <= set(rl.keys()), "rl", sorted(set(rl.keys()) ^ expected),
-          f"unknown or missing keys; the keys are {sorted(expected)}.")
+    for name, group, defaults_ in (("rl", rl, rl_config()), ("rl.task", rl.get("task", {}), task_config()),
+                                   ("rl.sft", rl.get("sft", {}), sft_config())):
+        expected, present = set(defaults_.keys()), set(group.keys())
+        _need(expected == present, name, sorted(expected ^ present),
+              f"unknown or missing keys; the keys are {sorted(expected)}.")
     for name in ("prompts_per_step", "updates_per_batch", "max_prompt_tokens", "max_new_tokens", "eval_every",
                  "eval_batch_size"):
         _need(_is_int(rl[name]) and rl[name] >= 1, f"rl.{name}", rl[name], "use an integer >= 1.")
@@ -117,6 +131,13 @@ def validate_rl_config(config: ml_collections.ConfigDict) -> None:
     _need(rl.clip_low < 1, "rl.clip_low", rl.clip_low, "use a value below 1 (the ratio's lower bound is 1 - clip_low).")
     _need(isinstance(rl.kl_beta, (int, float)) and rl.kl_beta >= 0, "rl.kl_beta", rl.kl_beta,
           "use >= 0 (0 = no KL term and no reference model).")
+    for name in ("steps", "batch_size", "eval_every"):
+        _need(_is_int(rl.sft[name]) and rl.sft[name] >= 1, f"rl.sft.{name}", rl.sft[name], "use an integer >= 1.")
+    _need(_is_int(rl.sft.num_examples) and rl.sft.num_examples >= 0, "rl.sft.num_examples", rl.sft.num_examples,
+          "use an integer >= 0 (0 = a fresh stream of examples).")
+    _need(rl.sft.learning_rate > 0, "rl.sft.learning_rate", rl.sft.learning_rate, "use a positive learning rate.")
+    _need(_is_int(rl.sft.warmup_steps) and 0 <= rl.sft.warmup_steps <= rl.sft.steps, "rl.sft.warmup_steps",
+          rl.sft.warmup_steps, "use an integer between 0 and rl.sft.steps.")
     _need(isinstance(rl.adv_eps, (int, float)) and rl.adv_eps > 0, "rl.adv_eps", rl.adv_eps, "use a small positive number.")
     _need(rl.task.kind in ("arithmetic", "jsonl"), "rl.task.kind", rl.task.kind, "use 'arithmetic' or 'jsonl'.")
     _need(_is_int(rl.task.num_eval) and rl.task.num_eval >= 0, "rl.task.num_eval", rl.task.num_eval,

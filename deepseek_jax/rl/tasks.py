@@ -86,12 +86,13 @@ class Arithmetic:
                 out.append(example)
         return out
 
-    def train_examples(self, start: int, count: int) -> list[Example]:
-        """Training problems start .. start+count-1 of the stream (never a held-out one).
+    def train_examples(self, start: int, count: int, stream: int = 0) -> list[Example]:
+        """`count` training problems for position `start` of training stream `stream` (never a held-out one).
 
-        A pure function of (seed, start, count): a resumed run sees the same prompts.
+        A pure function of (seed, stream, start, count): a resumed run sees the same prompts, and jobs
+        drawing from different streams (supervised 0, GRPO 1) see different ones.
         """
-        rng = np.random.default_rng([self.seed, _TRAIN_STREAM, start])
+        rng = np.random.default_rng([self.seed, _TRAIN_STREAM, stream, start])
         out = []
         while len(out) < count:
             example = self._problem(rng)
@@ -108,13 +109,13 @@ class JsonlTask:
         self.eval_examples = read_jsonl(eval_path, "config.rl.task.eval_path")[:num_eval or None]
         self.seed = seed
 
-    def train_examples(self, start: int, count: int) -> list[Example]:
-        """`count` examples from a seeded shuffle of the file, one pass after another, from `start`."""
+    def train_examples(self, start: int, count: int, stream: int = 0) -> list[Example]:
+        """`count` examples from `start` on, in a seeded shuffle of the file per pass (and per stream)."""
         n = len(self.train)
         out = []
         for i in range(start, start + count):
             epoch, index = divmod(i, n)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            order = np.random.default_rng([self.seed, stream, epoch]).permutation(n)
             out.append(self.train[int(order[index])])
         return out
 

@@ -1,7 +1,8 @@
 """The shard_map pipeline executor: pipelined == un-pipelined, W without the input chain, overlap in HLO.
 
 A toy MLP stage (as in the DualPipe reference's tests) proves every schedule on 4 and 8 simulated
-devices; the micro DeepSeek-V3 proves the cut into stages and the train step (1F1B and DualPipe).
+devices, alone and with data parallelism; the micro DeepSeek-V3 proves the cut into stages and the
+train step for every schedule, on 'stage'-only meshes and on ('stage', 'data') meshes of 8 devices.
 Programs are compiled with XLA's CPU backend optimisations off: compile time dominates here.
 """
 
@@ -12,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import ml_collections
 import pytest
 
 from common import micro_run_config
 from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel.pipeline import execute, schedules, stages
 from deepseek_jax.parallel.pipeline.backward_split import split_stage
 from deepseek_jax.parallel.pipeline.simulate import CostModel, simulate
@@ -91,6 +94,27 @@ def test_toy_pipeline_matches_unpipelined(name, num_ranks):
         plan, toy_stage, st, sh, inp, mesh=execute.make_stage_mesh(num_ranks),
         x_aval=jax.ShapeDtypeStruct((B, D), jnp.float32), consts=consts), compiler_options=FAST_COMPILE)
     result = run(stage, shared, inputs)
+    loss, grads, stats = toy_reference(stage, shared, inputs, consts)
+    assert_close(result.loss, loss)
+    assert_close(result.grads, grads)
+    assert_close(result.stats["x_sum"], stats)
+
+
+def stage_data_mesh(stage: int, data: int):
+    """The trainer's mesh (parallel/mesh.py: Auto axes) with a pipeline and data parallelism."""
+    return mesh_lib.make_mesh(ml_collections.ConfigDict(dict(stage=stage, data=data, expert=1, tensor=1)))
+
+
+@pytest.mark.parametrize("name, ranks, data", [(name, 4, 2) for name in schedules.SCHEDULES] + [("dualpipev", 2, 4)])
+def test_toy_pipeline_with_data_parallelism_matches_unpipelined(name, ranks, data):
+    """Pipeline ranks x data shards: each shard runs its part of every micro-batch's rows. (DualPipeV
+    on 2 ranks: each rank keeps one of its two stages in place and fetches the other.)"""
+    schedule = schedules.make_schedule(name, ranks, 8)
+    stage, shared, inputs, consts = toy_problem(schedule.num_stages, 8, seed=2)
+    result = jax.jit(lambda st, sh, inp: execute.pipeline_gradients(
+        build_plan(schedule), toy_stage, st, sh, inp, mesh=stage_data_mesh(ranks, data),
+        x_aval=jax.ShapeDtypeStruct((B, D), jnp.float32), consts=consts), compiler_options=FAST_COMPILE)(
+        stage, shared, inputs)
     loss, grads, stats = toy_reference(stage, shared, inputs, consts)
     assert_close(result.loss, loss)
     assert_close(result.grads, grads)
@@ -218,7 +242,7 @@ def micro(tmp_path_factory):
     cfg = ModelConfig.from_dict(c.model)
     tx = _recording_optimizer()
     state = step_lib.init_state(cfg, tx, jax.random.key(0))
-    batch_rows, length = 8, 16
+    batch_rows, length = 16, 16
     tokens = jax.random.randint(jax.random.key(1), (batch_rows, length), 0, cfg.vocab_size)
     segments = jnp.ones_like(tokens).at[1, 10:].set(2).at[3, 12:].set(0)  # two documents, padding
     batch = {"tokens": tokens, "segment_ids": segments,
@@ -228,10 +252,19 @@ def micro(tmp_path_factory):
     return c, cfg, tx, state, batch, ref
 
 
-@pytest.mark.parametrize("name", ["1f1b", "dualpipe"])
-def test_real_model_train_step_matches_unpipelined(micro, name):
+# Every schedule with the real model, on 4 and on 8 devices (each case compiles a whole pipelined step,
+# so not every combination: the toy tests above take every schedule through every mesh).
+@pytest.mark.parametrize("name, stage, data, microbatches", [
+    ("1f1b", 4, 1, 8), ("dualpipe", 4, 1, 8),  # 4 devices
+    ("dualpipe", 4, 2, 8),  # 8 devices: 1 row per device and micro-batch
+    ("gpipe", 2, 4, 4), ("zb_h1", 2, 4, 4), ("dualpipev", 2, 4, 4)])  # 8 devices, 4 stages
+def test_real_model_train_step_matches_unpipelined(micro, name, stage, data, microbatches):
+    """Gradients (through a recording optimizer), bias update and every metric of the un-pipelined
+    step on one device, within 1e-5 relative."""
     c, cfg, tx, state, batch, (ref_state, ref_metrics) = micro
-    step = stages.make_pipelined_step(cfg, c.train, tx, name, num_ranks=4, num_microbatches=8)
+    mesh = execute.make_stage_mesh(stage) if data == 1 else stage_data_mesh(stage, data)
+    step = stages.make_pipelined_step(cfg, c.train, tx, name, num_ranks=stage, num_microbatches=microbatches,
+                                      mesh=mesh)
     new_state, metrics = jax.jit(step, compiler_options=FAST_COMPILE)(state, batch)
     assert_close(new_state.opt_state, ref_state.opt_state)  # the gradients (recording optimizer)
     assert_close(new_state.routing, ref_state.routing)  # loss-free bias update from summed expert counts

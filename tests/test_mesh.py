@@ -130,7 +130,17 @@ def test_batch_and_mesh_errors_name_the_fields(tmp_path):
     from deepseek_jax.train.validation import validate_run_config
 
     bad = run_config(tmp_path, data=16)
-    with pytest.raises(ValueError, match="parallel.data/expert/tensor"):
+    with pytest.raises(ValueError, match="parallel.stage/data/expert/tensor"):
+        validate_run_config(bad)
+    bad = run_config(tmp_path, data=2)
+    bad.parallel.update(stage=8, pipeline="1f1b", microbatches=4)
+    with pytest.raises(ValueError, match=r"parallel.stage/data/expert/tensor=\(8, 2, 1, 1\)"):
+        validate_run_config(bad)
+    bad.parallel.update(stage=2, expert=2)
+    with pytest.raises(ValueError, match="parallel.expert/tensor.*data parallelism"):
+        validate_run_config(bad)
+    bad.parallel.update(expert=1, microbatches=bad.data.batch_size)  # Micro-batches of 1 row over 2 shards.
+    with pytest.raises(ValueError, match="parallel.microbatches.*split over parallel.data=2"):
         validate_run_config(bad)
     bad = run_config(tmp_path, data=2, expert=2)
     bad.data.batch_size = 6

@@ -257,10 +257,11 @@ def test_interrupted_save_leaves_latest_good_checkpoint(full_run, tmp_path):
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    """Also: --cpu_devices splits the CPU (the run itself stays on one device)."""
     c = micro_run_config(tmp_path, steps=100000, eval_every=100000, ema_decay=0.0)
     c.checkpoint.every = 100000
     workdir = tmp_path / "run"
-    flags = [f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={workdir}"]
+    flags = [f"--config={ROOT / 'configs' / 'tiny.py'}", f"--workdir={workdir}", "--cpu_devices=2"]
     flags += [f"--config.{group}.{k}={v}" for group in ("model", "data", "train", "checkpoint")
               for k, v in c[group].items() if v is not None and not isinstance(v, dict)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
@@ -274,6 +275,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert "SIGTERM: saved step" in output
+    assert "JAX devices: [CpuDevice(id=0), CpuDevice(id=1)] (1 process(es))" in output
     steps = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
     assert len(steps) == 1 and steps[0] > 0
 
@@ -293,18 +295,21 @@ def test_fine_tune_starts_from_a_converted_checkpoint(tmp_path):
     assert summary["initial_eval_bpb"] == pytest.approx(expected["bpb"], rel=1e-6)
 
 
-def test_pipelined_run_matches_the_unpipelined_one(tmp_path):
-    """`--config.parallel.stage=2 --config.parallel.pipeline=dualpipe` trains the same model."""
-    losses = {}
-    for stage in (1, 2):
+def test_pipelined_data_parallel_run_matches_the_unpipelined_one(tmp_path):
+    """`--config.parallel.stage=2 --config.parallel.data=2 --config.parallel.pipeline=dualpipe` trains
+    the same model as one device: losses and validation."""
+    losses, summaries = {}, {}
+    for stage, data in ((1, 1), (2, 2)):
         c = micro_run_config(tmp_path / str(stage), steps=2, eval_every=100, ema_decay=0.0)
         c.model.num_hidden_layers = 3  # Two MoE layers: one per pipeline stage.
-        c.parallel.update(stage=stage, pipeline="dualpipe", microbatches=4)
-        train_and_evaluate(c, str(tmp_path / str(stage) / "run"))
+        c.data.batch_size = 8  # 4 micro-batches of 2 rows, one per data shard.
+        c.parallel.update(stage=stage, data=data, pipeline="dualpipe", microbatches=4)
+        summaries[stage] = train_and_evaluate(c, str(tmp_path / str(stage) / "run"))
         losses[stage] = {s: float(v) for s, v in losses_by_step(str(tmp_path / str(stage) / "run")).items()}
     assert losses[1].keys() == losses[2].keys() == {1, 2}
     for s in losses[1]:
         assert losses[2][s] == pytest.approx(losses[1][s], rel=1e-5)
+    assert summaries[2]["final_eval_bpb"] == pytest.approx(summaries[1]["final_eval_bpb"], rel=1e-5)
 
 
 def test_bad_pipeline_config_is_named(tmp_path):

@@ -9,7 +9,6 @@ config.json, summary.json.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -33,7 +32,7 @@ from deepseek_jax.train import checkpoint as checkpoint_lib
 from deepseek_jax.train import placement
 from deepseek_jax.train import step as step_lib
 from deepseek_jax.train.ema import HostEMA
-from deepseek_jax.train.evaluation import evaluate, model_inputs
+from deepseek_jax.train.evaluation import evaluate
 from deepseek_jax.train.metrics import MetricWriter, plot_losses
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.precision import matmul_for
@@ -99,13 +98,15 @@ class _Progress:
         self.bar.close()
 
 
-def make_step(config: ml_collections.ConfigDict, cfg: ModelConfig, tx, matmul):
-    """The (state, batch) -> (state, metrics) step: pipelined over `parallel.stage` ranks, or not."""
+def make_step(config: ml_collections.ConfigDict, cfg: ModelConfig, tx, matmul, mesh=None):
+    """The (state, batch) -> (state, metrics) step: pipelined over the `parallel.stage` ranks of `mesh`
+    (data-parallel over its other axes), or not."""
     p = config.parallel if "parallel" in config else None
     if p is not None and p.stage > 1:
-        from deepseek_jax.parallel.pipeline import stages  # Local: only pipelined runs build a stage mesh.
+        from deepseek_jax.parallel.pipeline import stages  # Local: only pipelined runs need the executor.
 
-        return stages.make_pipelined_step(cfg, config.train, tx, p.pipeline, p.stage, p.microbatches, matmul)
+        return stages.make_pipelined_step(cfg, config.train, tx, p.pipeline, p.stage, p.microbatches, matmul,
+                                          mesh=mesh)
     return functools.partial(step_lib.train_step, cfg=cfg, train_cfg=config.train, tx=tx, matmul=matmul)
 
 
@@ -138,49 +139,39 @@ def _to_host(metrics: dict) -> dict[str, float]:
 
 
 class _Placement:
-    """The run's devices: the mesh of `config.parallel`, the state's shardings, and moving batches and
-    variables where the jitted functions want them."""
+    """The run's devices: the mesh of `config.parallel` (a pipeline's 'stage' axis included), the
+    state's shardings, and moving batches and variables where the jitted functions want them."""
 
     def __init__(self, config: ml_collections.ConfigDict, cfg: ModelConfig, tx):
-        p = config.parallel
-        self.pipelined = p.stage > 1
-        self.mesh = None if self.pipelined else mesh_lib.make_mesh(p)
-        self.state_shardings = None if self.pipelined else placement.state_shardings(cfg, tx, self.mesh)
+        self.mesh = mesh_lib.make_mesh(config.parallel)
+        self.state_shardings = placement.state_shardings(cfg, tx, self.mesh)
         self.rows = mesh_lib.process_rows(config.data.batch_size)
 
     def context(self):
         """The mesh in context for tracing (the expert dispatch finds it there)."""
-        return contextlib.nullcontext() if self.pipelined else jax.set_mesh(self.mesh)
+        return jax.set_mesh(self.mesh)
 
     def init_state(self, cfg: ModelConfig, tx, key: jax.Array) -> step_lib.TrainState:
-        if self.pipelined:
-            return step_lib.init_state(cfg, tx, key)
         return placement.init_sharded_state(cfg, tx, key, self.mesh)
 
     def batch(self, batch: dict) -> dict:
         """This process's rows of a global data batch, as global arrays sharded over the batch axes."""
         inputs = {k: np.asarray(batch[k])[self.rows] for k in ("tokens", "segment_ids", "positions")}
-        return model_inputs(inputs) if self.pipelined else mesh_lib.shard_batch(inputs, self.mesh)
+        return mesh_lib.shard_batch(inputs, self.mesh)
 
     def jit_step(self, step, donate: bool):
-        donate_argnums = (0,) if donate else ()
-        if self.pipelined:
-            return jax.jit(step, donate_argnums=donate_argnums)
         replicated = NamedSharding(self.mesh, PartitionSpec())
         return jax.jit(step, in_shardings=(self.state_shardings, mesh_lib.batch_sharding(self.mesh)),
-                       out_shardings=(self.state_shardings, replicated), donate_argnums=donate_argnums)
+                       out_shardings=(self.state_shardings, replicated), donate_argnums=(0,) if donate else ())
 
     def jit_eval(self, eval_step):
-        if self.pipelined:
-            return jax.jit(eval_step)
         s = self.state_shardings
         replicated = NamedSharding(self.mesh, PartitionSpec())
         return jax.jit(eval_step, in_shardings=(s.params, s.routing, mesh_lib.batch_sharding(self.mesh)),
                        out_shardings=replicated)
 
     def on_one_device(self, tree):
-        """`tree` gathered onto this process's first device, for sampling (which runs un-sharded; a
-        pipelined step leaves the state on its Explicit 'stage' mesh, where ragged_dot has no rule)."""
+        """`tree` gathered onto this process's first device, for sampling (which runs un-sharded)."""
         if jax.process_count() > 1:
             tree = multihost_utils.process_allgather(tree, tiled=True)
         return jax.device_put(tree, jax.local_devices()[0])
@@ -220,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"Resumed from {ckpt.path(start)}.")
 
     matmul = matmul_for(config)
-    step_fn = devices.jit_step(make_step(config, cfg, tx, matmul),
+    step_fn = devices.jit_step(make_step(config, cfg, tx, matmul, devices.mesh),
                                donate=not ema)  # The EMA reads each step's params later.
     eval_cfg = cfg.replace(moe_capacity_factor=0.0)  # Validation never drops tokens.
     eval_fn = devices.jit_eval(functools.partial(step_lib.eval_step, cfg=eval_cfg, matmul=matmul))
@@ -230,8 +221,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def validate(s: step_lib.TrainState) -> dict[str, float]:
         variables = {"params": s.params, "routing": s.routing}
-        if devices.pipelined:  # Un-pipelined evaluation, off the pipeline's Explicit 'stage' mesh.
-            variables = devices.on_one_device(variables)
         with devices.context():
             return evaluate(eval_cfg, variables, config.data, t.eval_batches, eval_fn, corpus, place=devices.batch)
 

@@ -1,8 +1,11 @@
 """Where the train state lives on a mesh, and building it there directly.
 
 Params follow the logical-axis rules of parallel/mesh.py (routed experts over 'expert', heads / MLP
-widths / vocabulary over 'tensor', replicated over 'data'); Adam's moments take their parameter's
-sharding plus 'data' (ZeRO-1); counters and the balancing biases are replicated. The state is created
+widths / vocabulary over 'tensor', replicated over 'data'); with a pipeline, the stacked MoE layers
+[L, ...] are split over 'stage' on L, so each rank stores the layers of its own stages (rank r: stage
+r when there are as many stages as ranks) and the pipeline step fetches the copies its schedule
+places elsewhere (DualPipe's second stage per rank). Adam's moments take their parameter's sharding
+plus 'data' (ZeRO-1); counters and the balancing biases are replicated. The state is created
 by one jitted init whose outputs already have these shardings, so no device ever holds a full
 replicated copy of a sharded leaf.
 """
@@ -24,6 +27,8 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
     """A TrainState whose leaves are the NamedShardings of the real state's leaves."""
     axes = model.logical_axes(cfg)
     params = mesh_lib.param_shardings(axes["params"], mesh)
+    if mesh.shape["stage"] > 1:
+        params = _stack_over_stages(params, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_params = model.abstract_variables(cfg)["params"]
     opt_state = mesh_lib.opt_state_shardings(tx, jax.eval_shape(tx.init, abstract_params), params, mesh)
@@ -31,6 +36,17 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
         step=replicated, params=params, opt_state=opt_state,
         routing=jax.tree.map(lambda _: replicated, model.abstract_variables(cfg)["routing"]),
         bad_steps=replicated, skipped_steps=replicated)
+
+
+def _stack_over_stages(params_shardings: dict, mesh: Mesh) -> dict:
+    """The MoE stack's leading layer axis over 'stage' (validation guarantees it divides evenly)."""
+    from deepseek_jax.parallel.pipeline.stages import STACK  # Local: the executor is for pipelined runs.
+
+    def over_stages(sharding: NamedSharding) -> NamedSharding:
+        rest = tuple(sharding.spec)[1:]
+        return NamedSharding(mesh, PartitionSpec("stage", *rest))
+
+    return {**params_shardings, STACK: jax.tree.map(over_stages, params_shardings[STACK])}
 
 
 def init_sharded_state(cfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Array,

@@ -53,25 +53,27 @@ def validate_parallel_config(config: ml_collections.ConfigDict, cfg: ModelConfig
     _need(p.capacity_factor >= 0, "parallel.capacity_factor", p.capacity_factor, "use 0 (dropless) or e.g. 1.25.")
     _need(p.capacity_factor == 0 or p.expert > 1, "parallel.capacity_factor", p.capacity_factor,
           "a capacity only applies to expert parallelism: set parallel.expert > 1 or use 0.")
+    shape = (p.stage, p.data, p.expert, p.tensor)
+    used, have = p.stage * p.data * p.expert * p.tensor, jax.device_count()
+    _need(used <= have and (used == have or jax.process_count() == 1), "parallel.stage/data/expert/tensor", shape,
+          f"their product is the number of devices used: at most the {have} there are, and all of "
+          "them when several processes train together.")
+    shards = p.data * p.expert
+    _need(config.data.batch_size % shards == 0, "data.batch_size", config.data.batch_size,
+          f"use a multiple of parallel.data x parallel.expert = {shards}.")
+    _need(cfg.n_routed_experts % p.expert == 0, "parallel.expert", p.expert,
+          f"use a divisor of the {cfg.n_routed_experts} routed experts.")
+    _need(cfg.num_attention_heads % p.tensor == 0, "parallel.tensor", p.tensor,
+          f"use a divisor of the {cfg.num_attention_heads} attention heads.")
     if p.stage == 1:
-        shape = (p.data, p.expert, p.tensor)
-        used, have = p.data * p.expert * p.tensor, jax.device_count()
-        _need(used <= have and (used == have or jax.process_count() == 1), "parallel.data/expert/tensor", shape,
-              f"their product is the number of devices used: at most the {have} there are, and all of "
-              "them when several processes train together.")
-        shards = p.data * p.expert
-        _need(config.data.batch_size % shards == 0, "data.batch_size", config.data.batch_size,
-              f"use a multiple of parallel.data x parallel.expert = {shards}.")
-        _need(cfg.n_routed_experts % p.expert == 0, "parallel.expert", p.expert,
-              f"use a divisor of the {cfg.n_routed_experts} routed experts.")
-        _need(cfg.num_attention_heads % p.tensor == 0, "parallel.tensor", p.tensor,
-              f"use a divisor of the {cfg.num_attention_heads} attention heads.")
         return
-    _need(p.data == p.expert == p.tensor == 1, "parallel.data/expert/tensor", (p.data, p.expert, p.tensor),
-          "the pipeline (parallel.stage > 1) does not combine with other mesh axes yet: set them to 1.")
+    _need(p.expert == p.tensor == 1, "parallel.expert/tensor", (p.expert, p.tensor),
+          "the pipeline (parallel.stage > 1) combines with data parallelism (parallel.data) only: set them to 1.")
     _need(p.pipeline in SCHEDULES, "parallel.pipeline", p.pipeline, f"use one of {sorted(SCHEDULES)}.")
-    _need(_is_int(p.microbatches) and p.microbatches >= 1 and config.data.batch_size % p.microbatches == 0,
-          "parallel.microbatches", p.microbatches, f"use a divisor of data.batch_size={config.data.batch_size}.")
+    _need(_is_int(p.microbatches) and p.microbatches >= 1 and config.data.batch_size % (p.microbatches * p.data) == 0,
+          "parallel.microbatches", p.microbatches,
+          f"every micro-batch is split over parallel.data={p.data}: use a divisor of "
+          f"data.batch_size / parallel.data = {config.data.batch_size / p.data:g}.")
     stages = 2 * p.stage if p.pipeline == "dualpipev" else p.stage
     _need(cfg.num_moe_layers % stages == 0, "parallel.stage", p.stage,
           f"the {cfg.num_moe_layers} MoE layers must split evenly into {stages} pipeline stages.")
@@ -81,11 +83,12 @@ def training_model_config(config: ml_collections.ConfigDict, cfg: ModelConfig) -
     """`cfg` as the trainer runs it: the expert dispatch inside a shard_map whenever the batch is split
     over devices (all-to-all when experts are split too, with the configured capacity; with 'expert' = 1
     each device runs every expert on its own tokens, where the global sort of the 'ragged' dispatch would
-    make XLA all-gather every token), and node-limited routing if asked for."""
+    make XLA all-gather every token; a pipeline's stages, already inside a shard_map, dispatch on each
+    device's rows), and node-limited routing if asked for."""
     if "parallel" not in config:
         return cfg
     p = config.parallel
-    if p.stage == 1 and p.data * p.expert > 1 and cfg.n_routed_experts:
+    if p.data * p.expert > 1 and cfg.n_routed_experts:
         cfg = cfg.replace(moe_dispatch="ep", moe_capacity_factor=float(p.capacity_factor))
     if p.node_limit:
         nodes = p.nodes or p.expert

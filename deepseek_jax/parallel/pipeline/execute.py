@@ -1,7 +1,7 @@
 """Runs any pipeline schedule for real: one `jax.shard_map` over the mesh's 'stage' axis.
 
 Legend: P ranks (the 'stage' mesh axis), K module slots per rank, S stages, M micro-batches,
-T lock-step ticks, N slots of a buffer.
+T lock-step ticks, N slots of a buffer, R data shards (the product of the mesh's other axes).
 
     pipeline_gradients(plan, stage_fn, stage_params [S, ...], shared_params, inputs [M, ...], ...)
         -> PipelineResult(loss, grads {'stage': [S, ...], 'shared': ...}, stats [S, ...])
@@ -22,11 +22,21 @@ TPU) can then run each tick's transfers during its compute; the op table leaves 
 for every hop. CPU XLA emits synchronous collective-permutes, so on CPU the overlap exists only in the
 dependency graph (tests/test_execute.py checks it there) and cannot be timed.
 
-Parameters: rank r holds module slot k = stage `schedule.modules[r][k]` as a copy gathered from the
-[S, ...] stage parameters (DualPipe: stages r and P-1-r, so every stage twice; DualPipeV: stages r
-and 2P-1-r). Gradients accumulate per slot on the rank and are summed over the copies of each stage
-after the pipeline, before any optimizer sees them. `shared_params` (embedding, output head: used by
-the first and last stages) are replicated on every rank, their gradients summed over ranks.
+Data parallelism: the mesh's other axes (e.g. 'data') split the rows of every micro-batch, so the
+R devices of one pipeline rank run the same op table on their own rows, each group of P devices with
+the same data coordinate forming its own pipeline (the `ppermute`s move along 'stage' only). Losses,
+gradients and stats are summed over the R shards once, after the last tick, as a data-parallel
+all-reduce after gradient accumulation.
+
+Parameters: the [S, ...] stage parameters are split over the ranks in contiguous blocks of S/P stages
+(rank q owns stages q S/P .. (q+1) S/P - 1: its own stage, when S = P). Rank r runs module slot k =
+stage `schedule.modules[r][k]` (DualPipe: stages r and P-1-r, so every stage twice; DualPipeV:
+stages r and 2P-1-r), fetched from its owner before the first tick by explicit `ppermute`s (one per
+slot and owned position; a rank that owns its slot's stage keeps it in place). Gradients accumulate
+per slot and travel back to the owner the same way after the last tick, where the copies of a stage
+are summed before any optimizer sees them, so the update equals the un-pipelined one.
+`shared_params` (embedding, output head: used by the first and last stages) are replicated on every
+rank, their gradients summed over ranks.
 
 Memory trade-offs of running one SPMD program: every rank allocates every buffer at the largest
 size any rank needs, the residuals of the stage function's conditional parts (first-stage embedding,
@@ -75,14 +85,12 @@ class PipelineResult(NamedTuple):
 
 
 def make_stage_mesh(num_ranks: int, devices=None) -> jax.sharding.Mesh:
-    """A 1-D ('stage',) mesh. Explicit axis type: outside the shard_map, the [P, K, ...] layout of the
-    per-rank parameter copies is part of the arrays' types, so gathering the copies and summing their
-    gradients are visible resharding steps rather than choices left to the partitioner; inside the
-    shard_map the axis is manual either way."""
+    """A 1-D ('stage',) mesh over the first `num_ranks` devices, with the Auto axis type of the
+    trainer's meshes (parallel/mesh.py; inside the shard_map the axis is manual either way)."""
     devices = jax.devices()[:num_ranks] if devices is None else devices
     if len(devices) < num_ranks:
         raise ValueError(f"a pipeline over {num_ranks} ranks needs {num_ranks} devices, found {len(devices)}")
-    return jax.make_mesh((num_ranks,), (AXIS,), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices)
+    return jax.make_mesh((num_ranks,), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def _place(tree, mesh, spec):
@@ -92,6 +100,45 @@ def _place(tree, mesh, spec):
     place = (lambda a: jax.sharding.reshard(a, sharding)) if explicit else (
         lambda a: lax.with_sharding_constraint(a, sharding))
     return jax.tree.map(place, tree)
+
+
+def _fetch_slots(owned, modules: np.ndarray):
+    """owned [S/P, ...]: this rank's block of the stage-indexed tree -> [K, ...], slot k = stage
+    modules[rank, k], moved from its owner (one ppermute per slot and owned position)."""
+    num_ranks, num_slots = modules.shape
+    per_rank = jax.tree.leaves(owned)[0].shape[0]
+    mine = jnp.asarray(modules)[lax.axis_index(AXIS)]  # [K]
+    slots = []
+    for k in range(num_slots):
+        slot = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), owned)
+        for j in range(per_rank):
+            pairs = [(int(modules[r, k]) // per_rank, r) for r in range(num_ranks) if modules[r, k] % per_rank == j]
+            if not pairs:
+                continue
+            local = all(src == dst for src, dst in pairs)
+            moved = jax.tree.map(lambda a: a[j] if local else lax.ppermute(a[j], AXIS, pairs), owned)
+            slot = jax.tree.map(lambda m, v: jnp.where(mine[k] % per_rank == j, m, v), moved, slot)
+        slots.append(slot)
+    return jax.tree.map(lambda *a: jnp.stack(a), *slots)
+
+
+def _return_slots(per_slot, modules: np.ndarray, per_rank: int):
+    """Inverse of `_fetch_slots` with a sum: per_slot [K, ...] -> [S/P, ...], each owned stage's
+    values summed over the slots (on any rank) that ran it."""
+    num_ranks, num_slots = modules.shape
+    rank = lax.axis_index(AXIS)
+    owned = jax.tree.map(lambda a: jnp.zeros((per_rank,) + a.shape[1:], a.dtype), per_slot)
+    for k in range(num_slots):
+        for j in range(per_rank):
+            pairs = [(r, int(modules[r, k]) // per_rank) for r in range(num_ranks) if modules[r, k] % per_rank == j]
+            if not pairs:
+                continue
+            local = all(src == dst for src, dst in pairs)
+            receives = jnp.asarray(np.isin(np.arange(num_ranks), [dst for _, dst in pairs]))[rank]
+            owned = jax.tree.map(
+                lambda o, a: o.at[j].add(jnp.where(receives, a[k] if local else lax.ppermute(a[k], AXIS, pairs), 0)),
+                owned, per_slot)
+    return owned
 
 
 def _index(tree, i):
@@ -133,9 +180,26 @@ jax.tree_util.register_dataclass(_Carry, data_fields=[f.name for f in dataclasse
                                  meta_fields=[])
 
 
-def _rank_program(plan: Plan, stage_fn, x_aval, slot_params, shared_params, slot_consts, inputs, consts):
-    """The shard_map body: one rank's T ticks. Returns its loss, gradients and stats."""
+def data_axes(mesh) -> tuple[str, ...]:
+    """The mesh axes other than 'stage': they split the rows of every micro-batch."""
+    return tuple(a for a in mesh.axis_names if a != AXIS)
+
+
+def data_shards(mesh) -> int:
+    """R: how many ways every micro-batch's rows are split (1 on a 'stage'-only mesh)."""
+    return int(np.prod([mesh.shape[a] for a in data_axes(mesh)], dtype=np.int64))
+
+
+def _rank_program(plan: Plan, stage_fn, x_aval, owned_params, shared_params, owned_consts, inputs, consts,
+                  row_axes: tuple[str, ...]):
+    """The shard_map body: one rank's T ticks on its rows, between fetching its slots' stage params
+    (and consts) from their owners and returning the slots' gradients and stats to them. Returns the
+    loss, the owned stages' gradients and stats, and the shared gradients, summed over the data shards
+    (`row_axes`) and, for the loss and shared gradients, over the ranks."""
     num_ranks = plan.schedule.num_ranks
+    modules = np.asarray(plan.schedule.modules, np.int32)  # [P, K]
+    per_rank = plan.schedule.num_stages // num_ranks
+    slot_params, slot_consts = _fetch_slots((owned_params, owned_consts), modules)
     rank = lax.axis_index(AXIS)
     table = jnp.asarray(plan.table)
 
@@ -247,9 +311,11 @@ def _rank_program(plan: Plan, stage_fn, x_aval, slot_params, shared_params, slot
         grad_in=jnp.zeros((plan.num_grad_in + 1,) + x_aval.shape, x_aval.dtype),
         act_out=zero_x, grad_out=zero_x)
     carry, _ = lax.scan(tick, carry, table)
-    expand = lambda tree: jax.tree.map(lambda a: a[None], tree)  # noqa: E731  [K, ...] -> [1, K, ...]
-    return (lax.psum(carry.loss, AXIS), expand(carry.grads_stage), lax.psum(carry.grads_shared, AXIS),
-            expand(carry.stats))
+    over_rows = (lambda tree: lax.psum(tree, row_axes)) if row_axes else (lambda tree: tree)  # noqa: E731
+    to_owners = lambda tree: _return_slots(over_rows(tree), modules, per_rank)  # noqa: E731
+    everywhere = (AXIS,) + row_axes
+    return (lax.psum(carry.loss, everywhere), to_owners(carry.grads_stage),
+            lax.psum(carry.grads_shared, everywhere), to_owners(carry.stats))
 
 
 def pipeline_gradients(plan: Plan | Any, stage_fn, stage_params, shared_params, inputs, *, mesh,
@@ -264,9 +330,12 @@ def pipeline_gradients(plan: Plan | Any, stage_fn, stage_params, shared_params, 
         x = 0, the last stage's y gets a zero gradient).
       stage_params: pytree of [S, ...] arrays.
       shared_params: pytree used by any stage (replicated on every rank).
-      inputs: pytree of [M, ...] arrays, micro-batch g = direction * (M / directions) + m.
-      mesh: a mesh with a 'stage' axis of size P (e.g. `make_stage_mesh(P)`).
-      x_aval: shape and dtype of the activation passed between stages.
+      inputs: pytree of [M, b, ...] arrays, micro-batch g = direction * (M / directions) + m; the b rows
+        are split over the mesh's other axes (data parallelism), so b must be a multiple of R.
+      mesh: a mesh with a 'stage' axis of size P (e.g. `make_stage_mesh(P)`), possibly with more axes
+        (e.g. parallel/mesh.py's ('stage', 'data', 'expert', 'tensor')), all of which split rows.
+      x_aval: shape and dtype of one micro-batch's activation passed between stages, rows first
+        ([b, ...]; each device passes its [b / R, ...]).
       stage_consts: pytree of [S, ...] arrays, not differentiated (e.g. routing biases).
       consts: pytree passed to every stage call, not differentiated.
 
@@ -282,33 +351,30 @@ def pipeline_gradients(plan: Plan | Any, stage_fn, stage_params, shared_params, 
         if leaf.shape[0] != schedule.num_stages:
             raise ValueError(f"stage_params / stage_consts need a leading axis of {schedule.num_stages} "
                              f"stages, got shape {leaf.shape}")
+    rows, row_axes = data_shards(mesh), data_axes(mesh)
     for leaf in jax.tree.leaves(inputs):
-        if leaf.shape[0] != schedule.num_microbatches:
-            raise ValueError(f"inputs need a leading axis of {schedule.num_microbatches} micro-batches, "
-                             f"got shape {leaf.shape}")
+        if leaf.ndim < 2 or leaf.shape[0] != schedule.num_microbatches or leaf.shape[1] % rows:
+            raise ValueError(f"inputs need shape [{schedule.num_microbatches} micro-batches, rows, ...] with rows a "
+                             f"multiple of the {rows} data shards of mesh axes {row_axes}, got shape {leaf.shape}")
+    if x_aval.shape[0] % rows:
+        raise ValueError(f"x_aval's leading (row) axis {x_aval.shape} does not split into {rows} data shards")
+    local_x = jax.ShapeDtypeStruct((x_aval.shape[0] // rows,) + tuple(x_aval.shape[1:]), x_aval.dtype)
     stage_consts = {} if stage_consts is None else stage_consts
     consts = {} if consts is None else consts
-    modules = np.asarray(schedule.modules, np.int32)  # [P, K]
-    copies = lambda tree: jax.tree.map(lambda a: a[modules], tree)  # noqa: E731  [S, ...] -> [P, K, ...]
-    slot_params, slot_consts = _place(copies((stage_params, stage_consts)), mesh, P(AXIS))
-    shared_params, inputs, consts = _place((shared_params, inputs, consts), mesh, P())
+    stage_params, stage_consts = _place((stage_params, stage_consts), mesh, P(AXIS))  # S/P stages per rank
+    shared_params, consts = _place((shared_params, consts), mesh, P())
+    rows_spec = P(None, row_axes or None)  # [M, b, ...]: rows split over the data shards.
+    inputs = _place(inputs, mesh, rows_spec)
 
-    def body(slot_params, shared_params, slot_consts, inputs, consts):
-        squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)  # noqa: E731
-        return _rank_program(plan, stage_fn, x_aval, squeeze(slot_params), shared_params,
-                             squeeze(slot_consts), inputs, consts)
+    def body(owned_params, shared_params, owned_consts, inputs, consts):
+        return _rank_program(plan, stage_fn, local_x, owned_params, shared_params, owned_consts, inputs, consts,
+                             row_axes)
 
-    # check_vma=False: values are replicated or varying by construction (the loop carry starts
-    # replicated and becomes per-rank), and nothing here is differentiated through the shard_map.
-    run = jax.shard_map(body, mesh=mesh, in_specs=(P(AXIS), P(), P(AXIS), P(), P()),
-                        out_specs=(P(), P(AXIS), P(), P(AXIS)), axis_names={AXIS}, check_vma=False)
-    loss, slot_grads, shared_grads, slot_stats = run(slot_params, shared_params, slot_consts, inputs, consts)
-    flat_modules = modules.reshape(-1)
-
-    def sum_copies(a):  # [P, K, ...] -> [S, ...]
-        a = _place(a, mesh, P())
-        return jnp.zeros((schedule.num_stages,) + a.shape[2:], a.dtype).at[flat_modules].add(
-            a.reshape((-1,) + a.shape[2:]))
-
-    return PipelineResult(loss=loss, grads={"stage": jax.tree.map(sum_copies, slot_grads), "shared": shared_grads},
-                          stats=jax.tree.map(sum_copies, slot_stats))
+    # Every axis manual: the data shards are explicit too, so the stage function sees plain local
+    # arrays and the only collectives are the ppermutes and the final sums. check_vma=False: values are
+    # replicated or varying by construction (the loop carry starts replicated and becomes per-rank),
+    # and nothing here is differentiated through the shard_map.
+    run = jax.shard_map(body, mesh=mesh, in_specs=(P(AXIS), P(), P(AXIS), rows_spec, P()),
+                        out_specs=(P(), P(AXIS), P(), P(AXIS)), axis_names=set(mesh.axis_names), check_vma=False)
+    loss, stage_grads, shared_grads, stage_stats = run(stage_params, shared_params, stage_consts, inputs, consts)
+    return PipelineResult(loss=loss, grads={"stage": stage_grads, "shared": shared_grads}, stats=stage_stats)

@@ -18,10 +18,12 @@ accumulator (the embedding and head are V x D each), and every stash slot has ro
 residuals of the conditional parts (for the head, logits-sized), although only the end stages use
 them.
 
-Losses are split so that their sum over micro-batches and stages is exactly the un-pipelined loss
-(train/step.py): the token counts that normalise the cross entropies are counted on the whole batch
-before the pipeline runs, and each MoE layer's sequence-wise balance loss, a mean over sequences,
-enters with weight b / B. Expert counts are summed over micro-batches and stages, then drive the
+Micro-batch m is rows m, m + M, m + 2M, ... of the batch: with the batch's rows split over the data
+shards in contiguous blocks (parallel/mesh.py), every micro-batch is then split the same way with no
+data movement. Losses are split so that their sum over micro-batches, stages and data shards is
+exactly the un-pipelined loss (train/step.py): the token counts that normalise the cross entropies
+are counted on the whole batch before the pipeline runs, and each MoE layer's sequence-wise balance
+loss, a mean over a device's b / R sequences, enters with weight (b / R) / B. Expert counts are summed over micro-batches and stages, then drive the
 same loss-free bias update as without a pipeline.
 """
 
@@ -111,6 +113,8 @@ def make_stage_fn(cfg: ModelConfig, num_stages: int, batch_fraction: float, bala
     'balance_loss' [L/S] x b/B}, 'head': {main_sum, main_count, mtp_sums, mtp_counts, mtp_k stats}}.
     """
     check_stages(cfg, num_stages)
+    if cfg.moe_dispatch == "ep":  # Inside the pipeline's shard_map each device routes its own rows.
+        cfg = cfg.replace(moe_dispatch="ragged", moe_capacity_factor=0.0)
     model = DeepSeekV3(cfg, matmul=matmul)
     chunk = _Chunk(cfg, cfg.num_moe_layers // num_stages, matmul)
     num_mtp = cfg.num_nextn_predict_layers
@@ -172,14 +176,18 @@ def pipelined_grads(params, routing, batch: Batch, step, *, cfg: ModelConfig, tr
                            ) if num_mtp else jnp.zeros((0,))
     consts = {"routing": shared_routing, "main_count": main_count, "mtp_counts": mtp_counts,
               "mtp_weight": mtp_weight(train_cfg, step).astype(jnp.float32)}
-    micro = lambda a: a.reshape((M, B // M) + a.shape[1:])  # noqa: E731
+    micro = lambda a: a.reshape((B // M, M) + a.shape[1:]).swapaxes(0, 1)  # noqa: E731  [M, b, ...]
     inputs = {"tokens": micro(tokens), "positions": micro(positions), "segment_ids": micro(segments)}
-    stage_fn = make_stage_fn(cfg, S, 1.0 / M, train_cfg.balance_alpha, matmul)
+    shards = execute.data_shards(mesh)
+    if (B // M) % shards:
+        raise ValueError(f"micro-batches of {B // M} rows do not split over {shards} data shards; make "
+                         f"config.data.batch_size a multiple of config.parallel.microbatches x parallel.data")
+    stage_fn = make_stage_fn(cfg, S, 1.0 / (M * shards), train_cfg.balance_alpha, matmul)
     x_aval = jax.ShapeDtypeStruct((B // M, T, cfg.hidden_size), compute_dtype(cfg))
     result = execute.pipeline_gradients(plan, stage_fn, stage_params, shared_params, inputs, mesh=mesh,
                                         x_aval=x_aval, stage_consts=stage_routing, consts=consts)
     grads = merge_stage_tree(result.grads["stage"], result.grads["shared"])
-    head = jax.tree.map(lambda a: a[S - 1], result.stats["head"])
+    head = jax.tree.map(lambda a: a.sum(0), result.stats["head"])  # Zero but for the last stage's.
     layer_stats = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), result.stats["layers"])
     router_stats = {}
     if cfg.num_dense_layers:  # dense layers report zeros (model/block.py), as without a pipeline
@@ -218,12 +226,13 @@ def pipelined_train_step(state: TrainState, batch: Batch, *, cfg: ModelConfig, t
 
 def make_pipelined_step(cfg: ModelConfig, train_cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                         schedule: str, num_ranks: int, num_microbatches: int, matmul: Matmul | None = None,
-                        latency: int = 1):
+                        latency: int = 1, mesh=None):
     """(state, batch) -> (state, metrics), unjitted, for a training loop: the schedule named
-    `schedule` (schedules.SCHEDULES) over the first `num_ranks` devices."""
+    `schedule` (schedules.SCHEDULES) over `mesh`'s 'stage' axis of `num_ranks` devices, with
+    data parallelism over its other axes (default: a 'stage'-only mesh of the first devices)."""
     from deepseek_jax.parallel.pipeline import schedules
 
     plan = build_plan(schedules.make_schedule(schedule, num_ranks, num_microbatches), latency)
     check_stages(cfg, plan.schedule.num_stages)
     return functools.partial(pipelined_train_step, cfg=cfg, train_cfg=train_cfg, tx=tx, plan=plan,
-                             mesh=execute.make_stage_mesh(num_ranks), matmul=matmul)
+                             mesh=execute.make_stage_mesh(num_ranks) if mesh is None else mesh, matmul=matmul)

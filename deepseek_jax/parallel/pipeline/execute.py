@@ -102,42 +102,44 @@ def _place(tree, mesh, spec):
     return jax.tree.map(place, tree)
 
 
+def _slot_routes(modules: np.ndarray, per_rank: int):
+    """Yields (k, j, pairs): for slot k and position j of an owner's block of S/P stages, the
+    (owner, runner) rank pairs such that the runner's slot k is the owner's stage at position j."""
+    num_ranks, num_slots = modules.shape
+    for k in range(num_slots):
+        for j in range(per_rank):
+            pairs = [(int(modules[r, k]) // per_rank, r) for r in range(num_ranks) if modules[r, k] % per_rank == j]
+            if pairs:
+                yield k, j, pairs
+
+
+def _move(x, pairs):
+    """`x` from each pair's first rank to its second; ranks no pair sends to get zeros. Without a
+    transfer when every pair stays on its rank."""
+    return x if all(a == b for a, b in pairs) else lax.ppermute(x, AXIS, pairs)
+
+
 def _fetch_slots(owned, modules: np.ndarray):
     """owned [S/P, ...]: this rank's block of the stage-indexed tree -> [K, ...], slot k = stage
     modules[rank, k], moved from its owner (one ppermute per slot and owned position)."""
-    num_ranks, num_slots = modules.shape
     per_rank = jax.tree.leaves(owned)[0].shape[0]
-    mine = jnp.asarray(modules)[lax.axis_index(AXIS)]  # [K]
-    slots = []
-    for k in range(num_slots):
-        slot = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), owned)
-        for j in range(per_rank):
-            pairs = [(int(modules[r, k]) // per_rank, r) for r in range(num_ranks) if modules[r, k] % per_rank == j]
-            if not pairs:
-                continue
-            local = all(src == dst for src, dst in pairs)
-            moved = jax.tree.map(lambda a: a[j] if local else lax.ppermute(a[j], AXIS, pairs), owned)
-            slot = jax.tree.map(lambda m, v: jnp.where(mine[k] % per_rank == j, m, v), moved, slot)
-        slots.append(slot)
+    rank = lax.axis_index(AXIS)
+    slots = [jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), owned) for _ in range(modules.shape[1])]
+    for k, j, pairs in _slot_routes(modules, per_rank):
+        runs = jnp.asarray(np.isin(np.arange(modules.shape[0]), [r for _, r in pairs]))[rank]
+        slots[k] = jax.tree.map(lambda a, v: jnp.where(runs, _move(a[j], pairs), v), owned, slots[k])
     return jax.tree.map(lambda *a: jnp.stack(a), *slots)
 
 
 def _return_slots(per_slot, modules: np.ndarray, per_rank: int):
     """Inverse of `_fetch_slots` with a sum: per_slot [K, ...] -> [S/P, ...], each owned stage's
     values summed over the slots (on any rank) that ran it."""
-    num_ranks, num_slots = modules.shape
     rank = lax.axis_index(AXIS)
     owned = jax.tree.map(lambda a: jnp.zeros((per_rank,) + a.shape[1:], a.dtype), per_slot)
-    for k in range(num_slots):
-        for j in range(per_rank):
-            pairs = [(r, int(modules[r, k]) // per_rank) for r in range(num_ranks) if modules[r, k] % per_rank == j]
-            if not pairs:
-                continue
-            local = all(src == dst for src, dst in pairs)
-            receives = jnp.asarray(np.isin(np.arange(num_ranks), [dst for _, dst in pairs]))[rank]
-            owned = jax.tree.map(
-                lambda o, a: o.at[j].add(jnp.where(receives, a[k] if local else lax.ppermute(a[k], AXIS, pairs), 0)),
-                owned, per_slot)
+    for k, j, pairs in _slot_routes(modules, per_rank):
+        back = [(r, owner) for owner, r in pairs]
+        owns = jnp.asarray(np.isin(np.arange(modules.shape[0]), [owner for owner, _ in pairs]))[rank]
+        owned = jax.tree.map(lambda o, a: o.at[j].add(jnp.where(owns, _move(a[k], back), 0)), owned, per_slot)
     return owned
 
 

@@ -22,23 +22,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     tiny = defaults.load_config(f"{pathlib.Path(__file__).with_name('tiny.py')}:mtp=0,dispatch={opts.dispatch}")
     config = grpo_base_config()
     config.model = tiny.model
+    # 2 layers (1 dense + 1 MoE with 8 routed experts) instead of tiny's 4: on 2 CPU cores it trains ~3x
+    # faster per step and learned the task per step no slower than 4 layers in our probes.
+    config.model.num_hidden_layers = 2
     config.model.max_position_embeddings = 128
     config.data.seq_len = 128  # Unused (the jobs read the task, not a corpus); only data.tokenizer matters.
     rl = config.rl
     rl.task.update(kind="arithmetic", digits=2, operations="+", num_eval=1000)
     rl.max_prompt_tokens = 6  # "99+99=".
-    rl.max_new_tokens = 40  # "<think>891</think><answer>198</answer>" is 38 bytes, then the end token.
-    rl.prompts_per_step = 8
-    rl.group_size = 8
-    rl.updates_per_batch = 2
+    rl.max_new_tokens = 40  # "<think>1819</think><answer>198</answer>" is 39 bytes, then the end token.
+    # Demonstrations are the scarce resource: the warm start sees 500 worked solutions (passes over them),
+    # GRPO fresh prompts with answers only. 400 steps of 32 reach ~55% held-out greedy accuracy, where
+    # more passes over the same 500 stop helping (probe: 40% at 300 steps, 56% at 400, 58% at 500) and
+    # sampling at temperature 1 gets some but not all of a group right (reward variance for GRPO).
+    rl.sft.update(steps=400, batch_size=32, num_examples=500, learning_rate=2e-3, warmup_steps=20, eval_every=100)
+    rl.prompts_per_step = 16
+    rl.group_size = 8  # 128 rollouts per step.
+    rl.updates_per_batch = 1  # On-policy: no old-policy pass; the compute goes into more prompts instead.
     rl.temperature = 1.0
     rl.kl_beta = 0.04
     rl.rewards = ml_collections.ConfigDict({"accuracy": 1.0, "format": 0.1})
-    rl.eval_every = 10
-    rl.sft.update(steps=2000, batch_size=16, learning_rate=3e-3, warmup_steps=20, eval_every=500)
+    rl.eval_every = 25
     t = config.train
-    t.steps = 60
-    t.learning_rate = 1e-4
-    t.warmup_steps = 3
-    config.checkpoint.every = 20
+    t.steps = 200  # ~2 s each on 2 cores.
+    t.learning_rate = 5e-4  # A quarter of the warm start's rate (the policy is small and still learning).
+    t.warmup_steps = 5
+    config.checkpoint.every = 50
     return config

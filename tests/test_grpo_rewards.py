@@ -111,10 +111,15 @@ def test_arithmetic_task_is_correct_seeded_and_keeps_held_out_prompts_out():
         assert int(e.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b)) >= 0
         padded = f"{int(e.answer):03d}"  # Fixed width: digits + 1.
         assert e.prompt[:2].isdigit() and e.prompt[3:5].isdigit()  # Zero-padded operands.
-        assert e.solution == f"<think>{padded[::-1]}</think><answer>{padded}</answer>"
+        assert e.solution.endswith(f"</think><answer>{padded}</answer>")
+        # Column arithmetic, units first: (carry or borrow out, result digit) per column.
+        assert e.solution == f"<think>{tasks.column_reasoning(int(a), int(b), op, 2)}</think><answer>{padded}</answer>"
+        assert e.solution[7:11][1::2] == padded[:0:-1] and e.solution[9] == padded[0]  # Read back.
         assert rewards.accuracy_reward(e.prompt, e.solution, e) == rewards.format_reward(e.prompt, e.solution, e) == 1
     assert len({e.prompt for e in task.eval_examples}) == 300
     assert not {e.prompt for e in train} & {e.prompt for e in task.eval_examples}
+    assert tasks.column_reasoning(347, 586, "+", 3) == "131309" and tasks.column_reasoning(47, 5, "-", 3) == "020400"
+    assert tasks.column_reasoning(40, 5, "-", 2) == "1503"  # 0-5 borrows: 15 - 10 x 1 = 5; 4-0-1 = 3.
     again = tasks.Arithmetic(digits=2, operations="+-", seed=3, num_eval=300)
     assert again.train_examples(1000, 5) == task.train_examples(1000, 5)  # A pure function of (seed, start).
     assert task.train_examples(0, 5) == train[:5] and task.train_examples(5, 5) != train[5:10]

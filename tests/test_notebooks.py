@@ -26,6 +26,13 @@ SHRINK = {
     "04_mtp.ipynb": FAST + "STEPS = 4\nBATCH_SIZE = 2\nSEQ_LEN = 32\nPLOT_EVERY = 2\nPROBE_EVERY = 4\nPROMPTS = 2\n"
                     "PROMPT_LEN = 8\nNEW_TOKENS = 6",
     "05_pipelines.ipynb": FAST + "BUBBLE_PP = (4, 8)\nRUN_SCHEDULES = ('1f1b',)\nSEQ_LEN = 16\nTRAIN_STEPS = 1",
+    "06_fp8.ipynb": FAST + "OUTLIERS = (1, 1e4)\nRUNS = ('bf16', 'fp8')\nSTEPS = 2\nBATCH_SIZE = 2\nSEQ_LEN = 32\n"
+                    "MODEL_OVERRIDES = dict(num_hidden_layers=1, num_nextn_predict_layers=0)",
+    "07_grpo.ipynb": FAST + "SFT_STEPS = 2\nGRPO_STEPS = 2\nNUM_EVAL = 4\nEVALS = 1\nTASK_OVERRIDES = dict(digits=1)\n"
+                     "RL_OVERRIDES = dict(prompts_per_step=2, group_size=3)\n"
+                     "MODEL_OVERRIDES = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, "
+                     "num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, "
+                     "v_head_dim=8)",
     "08_hf_checkpoint.ipynb": FAST + "SEQ_LEN = 8\nGREEDY_TOKENS = 4",
 }
 

@@ -7,12 +7,16 @@ The arithmetic task: `a+b=` or `a-b=` with operands below 10**digits written zer
 digits (subtraction keeps the result >= 0). Its solutions follow the template the format reward
 checks (rewards.py), with the result zero-padded to digits + 1 digits:
 
-    347+586=<think>3390</think><answer>0933</answer>     047-005=<think>2400</think><answer>0042</answer>
+    347+586=<think>131309</think><answer>0933</answer>     047-005=<think>020400</think><answer>0042</answer>
 
-The reasoning is the result's digits least significant first, the order in which column arithmetic
-produces them (each digit depends on one column and the carry just written); the answer reads them
-back. Fixed widths put every digit at a fixed distance from the digits it depends on. The accuracy
-reward compares numerals by value, so "0933" is right for 933.
+The reasoning is column arithmetic, least significant column first: for each column two digits, the
+carry (or borrow) it passes on, then the result digit (7+6 = 13: "13"; 4+8+1 = 13: "13"; 3+5+1 = 9:
+"09"); the answer reads the final carry and the result digits back. The carry comes first because it
+is a threshold of the column's digits, which a small model learns quickly, and given it the result
+digit is their sum minus 10 x carry; a result digit written alone is (a + b) mod 10, which no single
+input digit predicts, so learning it from scratch stalls (our tiny model sat at chance on it for over
+800 steps). Fixed widths put every digit at a fixed distance from the digits it depends on. The
+accuracy reward compares numerals by value, so "0933" is right for 933.
 
 Splits are pure functions of (seed, index): the held-out prompts are the first `num_eval` distinct
 problems of the eval stream, and the training stream skips every problem of that set, so no
@@ -45,6 +49,18 @@ def solution_text(reasoning: str, answer: str) -> str:
     return f"{THINK[0]}{reasoning}{THINK[1]}{ANSWER[0]}{answer}{ANSWER[1]}"
 
 
+def column_reasoning(a: int, b: int, op: str, digits: int) -> str:
+    """Column arithmetic of `a op b` (a >= b for '-'), units first: per column the carry (or borrow) out,
+    then the result digit; 2 x digits characters, e.g. 47+86 -> "1313", 47-05 -> "0204"."""
+    out, carry = [], 0
+    for k in range(digits):
+        x, y = a // 10 ** k % 10, b // 10 ** k % 10
+        column = x + y + carry if op == "+" else x - y - carry
+        carry = int(column >= 10) if op == "+" else int(column < 0)
+        out.append(f"{carry}{column % 10}")
+    return "".join(out)
+
+
 class Arithmetic:
     """Addition/subtraction of non-negative integers below 10**digits, drawn from `seed`."""
 
@@ -69,7 +85,8 @@ class Arithmetic:
             a, b = b, a
         result = a + b if op == "+" else a - b
         padded = f"{result:0{self.digits + 1}d}"
-        return Example(f"{a:0{self.digits}d}{op}{b:0{self.digits}d}=", str(result), solution_text(padded[::-1], padded))
+        reasoning = column_reasoning(a, b, op, self.digits)
+        return Example(f"{a:0{self.digits}d}{op}{b:0{self.digits}d}=", str(result), solution_text(reasoning, padded))
 
     def _stream(self, which: int) -> Iterator[Example]:
         rng = np.random.default_rng([self.seed, which])

@@ -54,7 +54,8 @@ def rl_config() -> ml_collections.ConfigDict:
     c.max_prompt_tokens = 16  # S: prompts are right-padded to this width (a longer prompt is an error).
     c.max_new_tokens = 48  # M: generation budget per completion (also Dr. GRPO's length normaliser).
     c.temperature = 1.0  # Sampling temperature of the rollouts (log-probs use the same).
-    c.loss_type = "grpo"  # 'grpo' (per sequence, then per group), 'dapo' (per token), 'dr_grpo' (no std, constant length).
+    # 'grpo' (per sequence, then per group), 'dapo' (per token), 'dr_grpo' (no std, constant length).
+    c.loss_type = "grpo"
     c.clip_low = 0.2  # eps_low: the ratio is clipped to [1 - clip_low, 1 + clip_high] ...
     c.clip_high = 0.2  # ... (DAPO's clip-higher: 0.28).
     c.kl_beta = 0.04  # beta of the k3 KL to the reference (DeepSeekMath: 0.04); 0 = no reference kept.
@@ -138,7 +139,8 @@ def validate_rl_config(config: ml_collections.ConfigDict) -> None:
     _need(rl.sft.learning_rate > 0, "rl.sft.learning_rate", rl.sft.learning_rate, "use a positive learning rate.")
     _need(_is_int(rl.sft.warmup_steps) and 0 <= rl.sft.warmup_steps <= rl.sft.steps, "rl.sft.warmup_steps",
           rl.sft.warmup_steps, "use an integer between 0 and rl.sft.steps.")
-    _need(isinstance(rl.adv_eps, (int, float)) and rl.adv_eps > 0, "rl.adv_eps", rl.adv_eps, "use a small positive number.")
+    _need(isinstance(rl.adv_eps, (int, float)) and rl.adv_eps > 0, "rl.adv_eps", rl.adv_eps,
+          "use a small positive number.")
     _need(rl.task.kind in ("arithmetic", "jsonl"), "rl.task.kind", rl.task.kind, "use 'arithmetic' or 'jsonl'.")
     _need(_is_int(rl.task.num_eval) and rl.task.num_eval >= 0, "rl.task.num_eval", rl.task.num_eval,
           "use an integer >= 0.")

@@ -104,7 +104,8 @@ class Job:
             self.summary["initial_eval_accuracy"] = self.evaluate(self.state)
             self.writer.write(0, {"eval_accuracy": self.summary["initial_eval_accuracy"]})
         bar = tqdm.tqdm(initial=self.start, total=steps, desc=name, unit="step", mininterval=1.0, dynamic_ncols=True)
-        started, last_eval, done = time.perf_counter(), self.summary.get("initial_eval_accuracy", float("nan")), self.start
+        started, done = time.perf_counter(), self.start
+        last_eval = self.summary.get("initial_eval_accuracy", float("nan"))
         with _Sigterm() as sigterm:
             for step in range(self.start, steps):
                 tick = time.perf_counter()

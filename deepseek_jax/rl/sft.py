@@ -4,7 +4,8 @@ Legend: B examples per step, W = max_prompt_tokens + max_new_tokens.
 
 Each step trains on B training examples (`config.rl.sft.batch_size`) from stream 0 of the task (never
 the prompts GRPO draws): fresh ones each step, or passes over a fixed set of `rl.sft.num_examples`
-worked solutions (demonstrations are the scarce resource; GRPO needs only prompts and answers). One per row laid out exactly like a GRPO rollout: prompt, solution, end of
+worked solutions (demonstrations are the scarce resource; GRPO needs only prompts and answers).
+One per row laid out exactly like a GRPO rollout: prompt, solution, end of
 document, padding. The loss is the mean next-token cross entropy over the completion tokens only
 (the prompt is given, not learned). Set-up, resume, evaluation and checkpoints are job.py's, so a
 resumed run continues the same example stream with the same learning rate: "continuing SFT".

@@ -262,7 +262,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     elapsed = time.perf_counter() - started
     ckpt.close()
     writer.close()
-    summary.update(steps=int(placement.host_value(state.step)), skipped_steps=int(placement.host_value(state.skipped_steps)),
+    summary.update(steps=int(placement.host_value(state.step)),
+                   skipped_steps=int(placement.host_value(state.skipped_steps)),
                    seconds=elapsed, tokens_per_second=progress.tokens_per_second, interrupted=bool(sigterm.raised))
     if t.sample_tokens and not sigterm.raised:
         variables = devices.on_one_device({"params": state.params, "routing": state.routing})

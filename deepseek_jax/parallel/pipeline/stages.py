@@ -23,8 +23,9 @@ shards in contiguous blocks (parallel/mesh.py), every micro-batch is then split 
 data movement. Losses are split so that their sum over micro-batches, stages and data shards is
 exactly the un-pipelined loss (train/step.py): the token counts that normalise the cross entropies
 are counted on the whole batch before the pipeline runs, and each MoE layer's sequence-wise balance
-loss, a mean over a device's b / R sequences, enters with weight (b / R) / B. Expert counts are summed over micro-batches and stages, then drive the
-same loss-free bias update as without a pipeline.
+loss, a mean over a device's b / R sequences, enters with weight (b / R) / B. Expert counts are summed
+over micro-batches, stages and data shards, then drive the same loss-free bias update as without a
+pipeline.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ def make_stage_fn(cfg: ModelConfig, num_stages: int, batch_fraction: float, bala
                 loss = loss + consts["mtp_weight"] * jnp.mean(sums / jnp.maximum(consts["mtp_counts"], 1.0))
                 out.update(mtp_sums=sums, mtp_counts=counts)
                 for name, s in mtp_stats.items():
-                    out[name] = {"expert_counts": s["expert_counts"], "balance_loss": s["balance_loss"] * batch_fraction}
+                    out[name] = {"expert_counts": s["expert_counts"],
+                                 "balance_loss": s["balance_loss"] * batch_fraction}
                     if cfg.mtp_uses_moe:
                         loss = loss + balance_alpha / num_balance * out[name]["balance_loss"]
             return loss, out

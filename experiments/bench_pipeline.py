@@ -88,9 +88,13 @@ def op_costs(cfg, train_cfg, variables, num_stages: int) -> dict:
               "mtp_weight": jnp.float32(0.3)}
     x = jnp.ones((ROWS, LENGTH, cfg.hidden_size), jnp.float32) * 0.1
     costs = {k: {} for k in "FBIW"}
-    ctx_of = lambda s: execute.StageContext(batch, jnp.int32(s), jax.tree.map(lambda a: a[s], stage_routing),  # noqa: E731
-                                            consts)
-    params_of = lambda s: {"stage": jax.tree.map(lambda a: a[s], stage_params), "shared": shared}  # noqa: E731
+
+    def ctx_of(s):
+        return execute.StageContext(batch, jnp.int32(s), jax.tree.map(lambda a: a[s], stage_routing), consts)
+
+    def params_of(s):
+        return {"stage": jax.tree.map(lambda a: a[s], stage_params), "shared": shared}
+
     split = split_stage(stage_fn, params_of(0), x, ctx_of(0))
     forward = jax.jit(split.forward)
     backward = jax.jit(split.backward)
@@ -119,7 +123,8 @@ def lockstep(schedule, latency: int, costs: dict) -> dict:
         tick = [sum(costs[kind[h.kind]][where(h.stage)] for h in op.halves()) if op else 0.0 for op in row]
         total += max(tick)
         busy += tick
-    return {"ticks": len(ticks), "seconds": total, "idle_fraction": float(1 - busy.sum() / (schedule.num_ranks * total))}
+    idle = float(1 - busy.sum() / (schedule.num_ranks * total))
+    return {"ticks": len(ticks), "seconds": total, "idle_fraction": idle}
 
 
 def ideal_bubble(schedule, costs: dict) -> float:
@@ -195,12 +200,14 @@ def main(argv) -> None:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['schedule']} | {r['stages']} | {r['ticks']} | {r['idle_fraction']:.1%} | "
-                     f"{r['ticks_latency0']} | {r['idle_fraction_latency0']:.1%} | {r['ideal_bubble_fraction']:.1%} | {r['stash_slots']} ({r['simulated_peak_activations']}) | "
+                     f"{r['ticks_latency0']} | {r['idle_fraction_latency0']:.1%} | "
+                     f"{r['ideal_bubble_fraction']:.1%} | {r['stash_slots']} ({r['simulated_peak_activations']}) | "
                      f"{r['stash_bytes'] / 2**20:.2f} | {r['temp_bytes'] / 2**20:.2f} |")
     lines += ["", "Lock-step idle: the executor's tick table (a hop to a neighbour takes one tick, hidden behind "
               "the next tick's compute on GPU/TPU) with each tick as long as its slowest rank's op, op costs "
               "timed alone per stage position. Latency 0: the executor's unbuffered mode (send after compute, "
-              "consumer runs the next tick; no overlap), i.e. the cost of lock-step alone. Ideal async bubble: the simulator with middle-stage costs "
+              "consumer runs the next tick; no overlap), i.e. the cost of lock-step alone. Ideal async bubble: "
+              "the simulator with middle-stage costs "
               "(mean idle share of a rank). Stash: residuals kept from F to B/W, per rank (`sim. peak`: the "
               "simulator's peak activation units with its default costs). Memory per device from "
               "`compiled.memory_analysis()`."]

@@ -9,8 +9,9 @@ All settings come from configs/grpo_arithmetic.py (overridable with --config.*):
    as much compute as GRPO used, counted in model token passes over padded rows (a forward pass over
    one token = 1, forward + backward = 3): GRPO's rollouts (prompt + generation budget per completion),
    its old/reference scoring passes and its mu updates per batch; SFT's 3 per token of its batches.
-4. Greedy accuracy of the three checkpoints on the same held-out prompts, with 95% Wilson intervals
-   and paired 95% intervals of the differences.
+4. Greedy accuracy of the three checkpoints on the same test prompts (`rl.task.num_test`, drawn after the
+   held-out prompts the runs evaluate on while training and on which the settings were chosen; neither
+   set is trained on), with 95% Wilson intervals and paired 95% intervals of the differences.
 Writes experiments/results/grpo_arithmetic.json, grpo_arithmetic.png (held-out accuracy against compute
 for the three phases; GRPO's rewards per step) and grpo_arithmetic_reward.png (the run's reward.png).
 """
@@ -44,6 +45,7 @@ RESULTS = ROOT / "experiments" / "results"
 _CONFIG = config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "grpo_arithmetic.py"), "Config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/grpo_arithmetic", "Where the three runs go (replaced).")
 _CONTROL_EVALS = flags.DEFINE_integer("control_evals", 4, "Held-out evaluations along the continued SFT.")
+_NUM_TEST = flags.DEFINE_integer("num_test", 1000, "Test prompts for the final comparison (rl.task.num_test).")
 
 
 def grpo_token_passes_per_step(config) -> int:
@@ -57,12 +59,14 @@ def sft_token_passes_per_step(config) -> int:
     return 3 * config.rl.sft.batch_size * (config.rl.max_prompt_tokens + config.rl.max_new_tokens)
 
 
-def held_out(config, workdir: str) -> np.ndarray:
-    """Greedy correctness [num_eval] of the latest checkpoint in `workdir`."""
+def test_correct(config, workdir: str) -> np.ndarray:
+    """Greedy correctness [num_test] of the latest checkpoint in `workdir` on the task's test prompts."""
     cfg, variables, _ = checkpoints.load_trained(config, workdir)
     task = tasks.make_task(config.rl.task, config.seed)
+    if not task.test_examples:
+        raise ValueError("config.rl.task.num_test=0: the final comparison needs test prompts; set it > 0.")
     correct, _ = evaluation.greedy_correct(
-        cfg, variables, tokenizers.make_tokenizer(config.data), task.eval_examples,
+        cfg, variables, tokenizers.make_tokenizer(config.data), task.test_examples,
         max_prompt_tokens=config.rl.max_prompt_tokens, max_new_tokens=config.rl.max_new_tokens,
         batch_size=config.rl.eval_batch_size)
     return correct
@@ -89,6 +93,7 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
+    config.rl.task.num_test = _NUM_TEST.value
     work = pathlib.Path(_WORKDIR.value).absolute()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -117,14 +122,16 @@ def main(argv) -> None:
     control_config.rl.sft.eval_every = max(1, extra_steps // _CONTROL_EVALS.value)
     timed("sft_continued", train_sft, control_config, control_dir)
 
-    correct = timed("final_evaluations", lambda: {name: held_out(grpo_config, d) for name, d in
-                                                  (("sft", sft_dir), ("grpo", grpo_dir), ("sft_continued", control_dir))})
+    runs = (("sft", sft_dir), ("grpo", grpo_dir), ("sft_continued", control_dir))
+    correct = timed("final_evaluations", lambda: {name: test_correct(grpo_config, d) for name, d in runs})
     seconds["total"] = time.perf_counter() - started
 
     sft_passes = sft_token_passes_per_step(sft_config)
     warm = sft_steps * sft_passes
     result = {
         "config": config.to_dict(),
+        "accuracy_on": "test prompts (rl.task.num_test): never trained on, not used to choose settings; "
+                       "curves are on the held-out prompts (rl.task.num_eval)",
         "sft": {"steps": sft_steps, "token_passes": warm, **describe(correct["sft"])},
         "grpo": {"steps": grpo_config.train.steps, "token_passes": grpo_passes, **describe(correct["grpo"]),
                  "gain_over_sft": difference(correct["grpo"], correct["sft"]),
@@ -150,16 +157,16 @@ def plot(result: dict, columns: dict, path: pathlib.Path) -> None:
     for name, label, style in (("sft", "SFT warm start", "k.-"), ("grpo", "GRPO", "o-"),
                                ("sft_continued", "continued SFT (same compute)", "s--")):
         x, y = zip(*result["curves"][name])
-        line, = left.plot(np.array(x) / 1e6, np.array(y) * 100, style, label=label)
-        if name != "sft":  # The final checkpoint's 95% interval.
-            r = result[name]
-            left.errorbar([x[-1] / 1e6], [r["accuracy"] * 100], yerr=[[(r["accuracy"] - r["ci95"][0]) * 100],
-                                                                     [(r["ci95"][1] - r["accuracy"]) * 100]],
-                          fmt="none", ecolor=line.get_color(), capsize=4)
+        line, = left.plot(np.array(x) / 1e6, np.array(y) * 100, style, label=f"{label} (held-out)")
+        r = result[name]  # The final checkpoint on the test prompts, with its 95% interval.
+        left.errorbar([x[-1] / 1e6], [r["accuracy"] * 100], yerr=[[(r["accuracy"] - r["ci95"][0]) * 100],
+                                                                 [(r["ci95"][1] - r["accuracy"]) * 100]],
+                      fmt="D", color=line.get_color(), mfc="none", capsize=4)
     task = result["config"]["rl"]["task"]
     left.set_xlabel("compute (million token passes: forward 1, forward + backward 3)")
-    left.set_ylabel("greedy accuracy, held-out prompts (%)")
-    left.set_title(f"{task['digits']}-digit '{task['operations']}', {task['num_eval']} held-out prompts")
+    left.set_ylabel("greedy accuracy (%)")
+    left.set_title(f"{task['digits']}-digit '{task['operations']}': lines {task['num_eval']} held-out prompts, "
+                   f"\u25c7 {task['num_test']} test prompts (95% CI)", fontsize=10)
     step = columns["step"]
     for name in ("reward", "accuracy", "reward_format", "zero_variance_groups"):
         logged = ~np.isnan(columns[name])

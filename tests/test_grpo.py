@@ -219,6 +219,10 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="rl.sft.batch_size"):
         rl_config.validate_rl_config(config)
     config = micro_grpo_config(tmp_path)
+    config.rl.task.update(kind="jsonl", num_test=5)
+    with pytest.raises(ValueError, match="rl.task.num_test.*no generated test split"):
+        rl_config.validate_rl_config(config)
+    config = micro_grpo_config(tmp_path)
     config.rl.task.unlocked_typo = 1
     with pytest.raises(ValueError, match=r"config.rl.task=\['unlocked_typo'\].*unknown or missing keys"):
         rl_config.validate_rl_config(config)

@@ -118,6 +118,10 @@ def test_arithmetic_task_is_correct_seeded_and_keeps_held_out_prompts_out():
         assert rewards.accuracy_reward(e.prompt, e.solution, e) == rewards.format_reward(e.prompt, e.solution, e) == 1
     assert len({e.prompt for e in task.eval_examples}) == 300
     assert not {e.prompt for e in train} & {e.prompt for e in task.eval_examples}
+    with_test = tasks.Arithmetic(digits=2, operations="+-", seed=3, num_eval=300, num_test=200)
+    assert with_test.eval_examples == task.eval_examples and len(with_test.test_examples) == 200
+    held_out = {e.prompt for e in with_test.eval_examples + with_test.test_examples}
+    assert len(held_out) == 500 and not {e.prompt for e in with_test.train_examples(0, 4000)} & held_out
     assert tasks.column_reasoning(347, 586, "+", 3) == "131309" and tasks.column_reasoning(47, 5, "-", 3) == "020400"
     assert tasks.column_reasoning(40, 5, "-", 2) == "1503"  # 0-5 borrows: 15 - 10 x 1 = 5; 4-0-1 = 3.
     again = tasks.Arithmetic(digits=2, operations="+-", seed=3, num_eval=300)
@@ -126,6 +130,8 @@ def test_arithmetic_task_is_correct_seeded_and_keeps_held_out_prompts_out():
     assert tasks.Arithmetic(2, "+-", 4, 300).eval_examples != task.eval_examples
     with pytest.raises(ValueError, match="rl.task.num_eval"):
         tasks.Arithmetic(digits=1, operations="+", seed=0, num_eval=60)
+    with pytest.raises(ValueError, match="rl.task.num_eval \\+ num_test"):
+        tasks.Arithmetic(digits=1, operations="+", seed=0, num_eval=30, num_test=30)
     with pytest.raises(ValueError, match="rl.task.operations"):
         tasks.Arithmetic(digits=2, operations="*", seed=0, num_eval=10)
 

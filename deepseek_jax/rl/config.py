@@ -24,6 +24,7 @@ def task_config() -> ml_collections.ConfigDict:
     c.digits = 3  # arithmetic: operands below 10**digits.
     c.operations = "+-"  # arithmetic: '+', '-' or both.
     c.num_eval = 1000  # Held-out prompts for greedy accuracy (jsonl: the first num_eval of eval_path; 0 = all).
+    c.num_test = 0  # arithmetic: test prompts after the held-out ones, read by no job (experiments' final report).
     c.train_path = ""  # jsonl: {"prompt": ..., "answer": ...} lines to train on.
     c.eval_path = ""  # jsonl: held-out lines, same form.
     return c
@@ -144,8 +145,13 @@ def validate_rl_config(config: ml_collections.ConfigDict) -> None:
     _need(rl.task.kind in ("arithmetic", "jsonl"), "rl.task.kind", rl.task.kind, "use 'arithmetic' or 'jsonl'.")
     _need(_is_int(rl.task.num_eval) and rl.task.num_eval >= 0, "rl.task.num_eval", rl.task.num_eval,
           "use an integer >= 0.")
+    _need(_is_int(rl.task.num_test) and rl.task.num_test >= 0, "rl.task.num_test", rl.task.num_test,
+          "use an integer >= 0.")
     if rl.task.kind == "arithmetic":
         _need(rl.task.num_eval >= 1, "rl.task.num_eval", rl.task.num_eval, "hold out at least one prompt.")
+    else:
+        _need(rl.task.num_test == 0, "rl.task.num_test", rl.task.num_test,
+              "jsonl tasks have no generated test split: set it to 0 and evaluate a test file of your own.")
     longest = rl.max_prompt_tokens + rl.max_new_tokens
     _need(longest <= config.model.max_position_embeddings, "rl.max_new_tokens", rl.max_new_tokens,
           f"max_prompt_tokens + max_new_tokens = {longest} exceeds model.max_position_embeddings="

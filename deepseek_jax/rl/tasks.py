@@ -19,8 +19,10 @@ input digit predicts, so learning it from scratch stalls (our tiny model sat at 
 accuracy reward compares numerals by value, so "0933" is right for 933.
 
 Splits are pure functions of (seed, index): the held-out prompts are the first `num_eval` distinct
-problems of the eval stream, and the training stream skips every problem of that set, so no
-held-out problem is ever trained on (neither by SFT nor by RL).
+problems of the eval stream (the jobs report greedy accuracy on them while training), the test prompts
+the next `num_test` (no job looks at them: they are for the final report of an experiment whose settings
+were chosen on the held-out ones), and the training stream skips every problem of both sets, so no
+held-out or test problem is ever trained on (neither by SFT nor by RL).
 """
 
 from __future__ import annotations
@@ -64,18 +66,20 @@ def column_reasoning(a: int, b: int, op: str, digits: int) -> str:
 class Arithmetic:
     """Addition/subtraction of non-negative integers below 10**digits, drawn from `seed`."""
 
-    def __init__(self, digits: int, operations: str, seed: int, num_eval: int):
+    def __init__(self, digits: int, operations: str, seed: int, num_eval: int, num_test: int = 0):
         if not (isinstance(digits, int) and 1 <= digits <= 18):
             raise ValueError(f"config.rl.task.digits={digits!r} is invalid: use an integer in [1, 18].")
         if not operations or set(operations) - set("+-"):
             raise ValueError(f"config.rl.task.operations={operations!r} is invalid: use '+', '-' or '+-'.")
         problems = (10 ** digits) ** 2 * len(operations)
-        if num_eval >= problems // 2:
-            raise ValueError(f"config.rl.task.num_eval={num_eval} is too large for {digits}-digit problems "
-                             f"({problems} in all): hold out fewer than half of them, or use more digits.")
+        if num_eval + num_test >= problems // 2:
+            raise ValueError(f"config.rl.task.num_eval + num_test = {num_eval} + {num_test} is too large for "
+                             f"{digits}-digit problems ({problems} in all): hold out fewer than half of them, "
+                             "or use more digits.")
         self.digits, self.operations, self.seed = digits, operations, seed
-        self.eval_examples = self._distinct(self._stream(_EVAL_STREAM), num_eval)
-        self._held_out = {e.prompt for e in self.eval_examples}
+        held_out = self._distinct(self._stream(_EVAL_STREAM), num_eval + num_test)
+        self.eval_examples, self.test_examples = held_out[:num_eval], held_out[num_eval:]
+        self._held_out = {e.prompt for e in held_out}
 
     def _problem(self, rng: np.random.Generator) -> Example:
         high = 10 ** self.digits
@@ -124,6 +128,7 @@ class JsonlTask:
     def __init__(self, train_path: str, eval_path: str, seed: int, num_eval: int):
         self.train = read_jsonl(train_path, "config.rl.task.train_path")
         self.eval_examples = read_jsonl(eval_path, "config.rl.task.eval_path")[:num_eval or None]
+        self.test_examples: list[Example] = []  # Evaluate a test file of your own with evaluation.py.
         self.seed = seed
 
     def train_examples(self, start: int, count: int, stream: int = 0) -> list[Example]:
@@ -174,7 +179,7 @@ def write_sft_jsonl(examples: list[Example], path: str) -> None:
 def make_task(task_cfg, seed: int) -> Arithmetic | JsonlTask:
     """The task of `config.rl.task` (kind 'arithmetic' or 'jsonl')."""
     if task_cfg.kind == "arithmetic":
-        return Arithmetic(task_cfg.digits, task_cfg.operations, seed, task_cfg.num_eval)
+        return Arithmetic(task_cfg.digits, task_cfg.operations, seed, task_cfg.num_eval, task_cfg.num_test)
     if task_cfg.kind == "jsonl":
         return JsonlTask(task_cfg.train_path, task_cfg.eval_path, seed, task_cfg.num_eval)
     raise ValueError(f"config.rl.task.kind={task_cfg.kind!r} is invalid: use 'arithmetic' or 'jsonl'.")

@@ -246,7 +246,8 @@ def split_stage(stage_fn: StageFn, params, x, ctx) -> SplitStage:
                         for a, s in zip(fwd_closed.out_avals[first_res:], stashed) if s)
     wstash_avals = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype)
                          for a, lin in zip(unknown.in_avals, res_linear) if lin)
-    return SplitStage(param_tree=param_tree, x_aval=jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), stats_tree=captured["stats_tree"], stash_avals=stash_avals,
-                      wstash_avals=wstash_avals, _fwd=fwd_closed, _lin=lin_closed, _recompute=recompute,
-                      _stashed=stashed, _known=known, _unknown=unknown, _res_fwd=tuple(res_fwd),
+    x_aval = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+    return SplitStage(param_tree=param_tree, x_aval=x_aval, stats_tree=captured["stats_tree"],
+                      stash_avals=stash_avals, wstash_avals=wstash_avals, _fwd=fwd_closed, _lin=lin_closed,
+                      _recompute=recompute, _stashed=stashed, _known=known, _unknown=unknown, _res_fwd=tuple(res_fwd),
                       _res_linear=tuple(res_linear))

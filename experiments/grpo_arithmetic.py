@@ -13,7 +13,8 @@ All settings come from configs/grpo_arithmetic.py (overridable with --config.*):
    held-out prompts the runs evaluate on while training and on which the settings were chosen; neither
    set is trained on), with 95% Wilson intervals and paired 95% intervals of the differences.
 Writes experiments/results/grpo_arithmetic.json, grpo_arithmetic.png (held-out accuracy against compute
-for the three phases; GRPO's rewards per step) and grpo_arithmetic_reward.png (the run's reward.png).
+for the three phases and each final test accuracy; GRPO's rewards per step) and grpo_arithmetic_reward.png
+(the run's reward.png).
 """
 
 from __future__ import annotations
@@ -59,14 +60,11 @@ def sft_token_passes_per_step(config) -> int:
     return 3 * config.rl.sft.batch_size * (config.rl.max_prompt_tokens + config.rl.max_new_tokens)
 
 
-def test_correct(config, workdir: str) -> np.ndarray:
-    """Greedy correctness [num_test] of the latest checkpoint in `workdir` on the task's test prompts."""
+def test_correct(config, workdir: str, test_examples: list[tasks.Example]) -> np.ndarray:
+    """Greedy correctness [len(test_examples)] of the latest checkpoint in `workdir`."""
     cfg, variables, _ = checkpoints.load_trained(config, workdir)
-    task = tasks.make_task(config.rl.task, config.seed)
-    if not task.test_examples:
-        raise ValueError("config.rl.task.num_test=0: the final comparison needs test prompts; set it > 0.")
     correct, _ = evaluation.greedy_correct(
-        cfg, variables, tokenizers.make_tokenizer(config.data), task.test_examples,
+        cfg, variables, tokenizers.make_tokenizer(config.data), test_examples,
         max_prompt_tokens=config.rl.max_prompt_tokens, max_new_tokens=config.rl.max_new_tokens,
         batch_size=config.rl.eval_batch_size)
     return correct
@@ -94,6 +92,9 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     config.rl.task.num_test = _NUM_TEST.value
+    test_examples = tasks.make_task(config.rl.task, config.seed).test_examples
+    if not test_examples:  # Refused before training, not after it.
+        raise ValueError(f"--num_test={_NUM_TEST.value}: the final comparison needs test prompts; set it > 0.")
     work = pathlib.Path(_WORKDIR.value).absolute()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -123,7 +124,8 @@ def main(argv) -> None:
     timed("sft_continued", train_sft, control_config, control_dir)
 
     runs = (("sft", sft_dir), ("grpo", grpo_dir), ("sft_continued", control_dir))
-    correct = timed("final_evaluations", lambda: {name: test_correct(grpo_config, d) for name, d in runs})
+    correct = timed("final_evaluations",
+                    lambda: {name: test_correct(grpo_config, d, test_examples) for name, d in runs})
     seconds["total"] = time.perf_counter() - started
 
     sft_passes = sft_token_passes_per_step(sft_config)

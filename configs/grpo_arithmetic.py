@@ -31,11 +31,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rl.task.update(kind="arithmetic", digits=2, operations="+", num_eval=1000)
     rl.max_prompt_tokens = 6  # "99+99=".
     rl.max_new_tokens = 40  # "<think>1819</think><answer>198</answer>" is 39 bytes, then the end token.
-    # Demonstrations are the scarce resource: the warm start sees 500 worked solutions (passes over them),
-    # GRPO fresh prompts with answers only. 400 steps of 32 reach ~55% held-out greedy accuracy, where
-    # more passes over the same 500 stop helping (probe: 40% at 300 steps, 56% at 400, 58% at 500) and
-    # sampling at temperature 1 gets some but not all of a group right (reward variance for GRPO).
-    rl.sft.update(steps=400, batch_size=32, num_examples=500, learning_rate=2e-3, warmup_steps=20, eval_every=100)
+    # Demonstrations are the scarce resource: the warm start sees 200 worked solutions (passes over them),
+    # GRPO fresh prompts with answers only. SFT memorises the 200 within ~800 steps (loss ~0.001), then
+    # generalises slowly to a plateau set by coverage: a problem whose column facts (units digits; tens
+    # digits with the carry) all occur in the demonstrations is solved ~95% of the time, one with a fact
+    # never shown ~40% (probe). In the experiment's run, held-out greedy accuracy is 67% at 1000 steps and
+    # 70% at 1600, and 1667 more steps add nothing; which 200 problems are drawn matters (the pool depends on
+    # seed and on the held-out + test prompts it avoids; another pool plateaued at 68.5%).
+    rl.sft.update(steps=1600, batch_size=32, num_examples=200, learning_rate=2e-3, warmup_steps=20, eval_every=200)
     rl.prompts_per_step = 16
     rl.group_size = 8  # 128 rollouts per step.
     rl.updates_per_batch = 1  # On-policy: no old-policy pass; the compute goes into more prompts instead.
@@ -44,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rl.rewards = ml_collections.ConfigDict({"accuracy": 1.0, "format": 0.1})
     rl.eval_every = 25
     t = config.train
-    t.steps = 200  # ~2 s each on 2 cores.
+    t.steps = 250  # ~1.7 s each on 2 cores; held-out accuracy flattens from ~200 (see the experiment's plot).
     t.learning_rate = 5e-4  # A quarter of the warm start's rate (the policy is small and still learning).
     t.warmup_steps = 5
     config.checkpoint.every = 50

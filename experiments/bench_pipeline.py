@@ -3,7 +3,8 @@
 For GPipe, 1F1B, ZB-H1, DualPipe and DualPipeV on 8 simulated CPU devices, running a small
 DeepSeek-V3 (1 dense + 16 MoE layers, MTP depth 1) with M = 16 micro-batches:
 
-  op costs            F, B, I and W of one stage, each compiled and timed alone on one device, at the
+  op costs            F, B, I and W of one stage, each compiled and timed alone on one device (fastest
+                      of 30 runs, interleaved with the other ops), at the
                       first, a middle and the last stage (the first adds the embedding and the dense
                       layer, the last the head, MTP and losses); an overlapped F&B pair costs F + B
                       (CPU runs the pair's halves one after the other);
@@ -26,6 +27,7 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import time  # noqa: E402
@@ -47,7 +49,7 @@ from deepseek_jax.parallel.pipeline.tables import build_plan  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _OUT_DIR = flags.DEFINE_string("out_dir", str(ROOT / "experiments" / "results"), "Where to write the results.")
-_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed runs per op (the median is kept).")
+_REPEATS = flags.DEFINE_integer("repeats", 30, "Timed runs per op, interleaved (the fastest is kept).")
 
 RANKS, MICROBATCHES, ROWS, LENGTH = 8, 16, 2, 64
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -67,14 +69,22 @@ def batch_for(cfg: ModelConfig):
     return {"tokens": tokens, "positions": default_positions(tokens), "segment_ids": jnp.ones_like(tokens)}
 
 
-def _median_seconds(fn, *args) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
+def _fastest_seconds(calls: dict) -> dict:
+    """{name: seconds} of each zero-argument call, timed in interleaved rounds, fastest run kept.
+
+    Interleaving spreads any drift of the machine over every op alike, and the fastest of the runs is
+    the op's uncontended cost (slower runs are interference from other threads; medians of consecutive
+    runs moved the idle fractions by up to 14 points between identical runs).
+    """
+    for call in calls.values():
+        jax.block_until_ready(call())
+    best = {name: float("inf") for name in calls}
     for _ in range(_REPEATS.value):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def op_costs(cfg, train_cfg, variables, num_stages: int) -> dict:
@@ -87,7 +97,6 @@ def op_costs(cfg, train_cfg, variables, num_stages: int) -> dict:
               "mtp_counts": jnp.full((cfg.num_nextn_predict_layers,), float(ROWS * LENGTH)),
               "mtp_weight": jnp.float32(0.3)}
     x = jnp.ones((ROWS, LENGTH, cfg.hidden_size), jnp.float32) * 0.1
-    costs = {k: {} for k in "FBIW"}
 
     def ctx_of(s):
         return execute.StageContext(batch, jnp.int32(s), jax.tree.map(lambda a: a[s], stage_routing), consts)
@@ -100,14 +109,18 @@ def op_costs(cfg, train_cfg, variables, num_stages: int) -> dict:
     backward = jax.jit(split.backward)
     input_grad = jax.jit(split.input_grad)
     weight_grad = jax.jit(split.weight_grad)
+    calls = {}
     for where, s in (("first", 0), ("middle", num_stages // 2), ("last", num_stages - 1)):
         params, ctx = params_of(s), ctx_of(s)
         _, _, stash = forward(params, x, ctx)
         _, wstash = input_grad(params, ctx, stash, x)
-        costs["F"][where] = _median_seconds(forward, params, x, ctx)
-        costs["B"][where] = _median_seconds(backward, params, ctx, stash, x)
-        costs["I"][where] = _median_seconds(input_grad, params, ctx, stash, x)
-        costs["W"][where] = _median_seconds(weight_grad, params, ctx, stash, wstash)
+        calls["F", where] = functools.partial(forward, params, x, ctx)
+        calls["B", where] = functools.partial(backward, params, ctx, stash, x)
+        calls["I", where] = functools.partial(input_grad, params, ctx, stash, x)
+        calls["W", where] = functools.partial(weight_grad, params, ctx, stash, wstash)
+    costs = {k: {} for k in "FBIW"}
+    for (kind, where), seconds in _fastest_seconds(calls).items():
+        costs[kind][where] = seconds
     return costs
 
 

@@ -121,12 +121,18 @@ def test_arithmetic_task_is_correct_seeded_and_keeps_held_out_prompts_out():
     with_test = tasks.Arithmetic(digits=2, operations="+-", seed=3, num_eval=300, num_test=200)
     assert with_test.eval_examples == task.eval_examples and len(with_test.test_examples) == 200
     held_out = {e.prompt for e in with_test.eval_examples + with_test.test_examples}
-    assert len(held_out) == 500 and not {e.prompt for e in with_test.train_examples(0, 4000)} & held_out
+    with_test_train = with_test.train_examples(0, 2000)
+    assert len(held_out) == 500 and not {e.prompt for e in with_test_train} & held_out
+    # Holding out the test prompts replaces only the training problems that were test prompts.
+    test_prompts = {e.prompt for e in with_test.test_examples}
+    changed = [i for i, (x, y) in enumerate(zip(train, with_test_train)) if x != y]
+    assert changed and all(train[i].prompt in test_prompts for i in changed)
     assert tasks.column_reasoning(347, 586, "+", 3) == "131309" and tasks.column_reasoning(47, 5, "-", 3) == "020400"
     assert tasks.column_reasoning(40, 5, "-", 2) == "1503"  # 0-5 borrows: 15 - 10 x 1 = 5; 4-0-1 = 3.
     again = tasks.Arithmetic(digits=2, operations="+-", seed=3, num_eval=300)
-    assert again.train_examples(1000, 5) == task.train_examples(1000, 5)  # A pure function of (seed, start).
-    assert task.train_examples(0, 5) == train[:5] and task.train_examples(5, 5) != train[5:10]
+    assert again.train_examples(1000, 5) == task.train_examples(1000, 5)  # A pure function of (seed, index).
+    assert task.train_examples(0, 5) == train[:5] and task.train_examples(5, 5) == train[5:10]
+    assert task.train_examples(0, 5, stream=1) != train[:5]
     assert tasks.Arithmetic(2, "+-", 4, 300).eval_examples != task.eval_examples
     with pytest.raises(ValueError, match="rl.task.num_eval"):
         tasks.Arithmetic(digits=1, operations="+", seed=0, num_eval=60)

@@ -108,17 +108,20 @@ class Arithmetic:
         return out
 
     def train_examples(self, start: int, count: int, stream: int = 0) -> list[Example]:
-        """`count` training problems for position `start` of training stream `stream` (never a held-out one).
+        """Training problems `start` .. `start + count - 1` of training stream `stream` (never a held-out one).
 
-        A pure function of (seed, stream, start, count): a resumed run sees the same prompts, and jobs
-        drawing from different streams (supervised 0, GRPO 1) see different ones.
+        Problem i is a pure function of (seed, stream, i): a resumed run sees the same prompts, any slice
+        of the stream agrees with the whole, and jobs drawing from different streams (supervised 0, GRPO 1)
+        see different ones. A draw that hits a held-out prompt is redrawn from the same generator, so
+        holding out more prompts (e.g. num_test) replaces only the problems that collide with them.
         """
-        rng = np.random.default_rng([self.seed, _TRAIN_STREAM, stream, start])
         out = []
-        while len(out) < count:
+        for i in range(start, start + count):
+            rng = np.random.default_rng([self.seed, _TRAIN_STREAM, stream, i])
             example = self._problem(rng)
-            if example.prompt not in self._held_out:
-                out.append(example)
+            while example.prompt in self._held_out:
+                example = self._problem(rng)
+            out.append(example)
         return out
 
 

@@ -21,7 +21,7 @@ accuracy reward compares numerals by value, so "0933" is right for 933.
 Splits are pure functions of (seed, index): the held-out prompts are the first `num_eval` distinct
 problems of the eval stream (the jobs report greedy accuracy on them while training), the test prompts
 the next `num_test` (no job looks at them: they are for the final report of an experiment whose settings
-were chosen on the held-out ones), and the training stream skips every problem of both sets, so no
+were chosen on the held-out ones), and a training draw that falls in either set is redrawn, so no
 held-out or test problem is ever trained on (neither by SFT nor by RL).
 """
 

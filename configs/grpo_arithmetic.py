@@ -33,11 +33,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rl.max_new_tokens = 40  # "<think>1819</think><answer>198</answer>" is 39 bytes, then the end token.
     # Demonstrations are the scarce resource: the warm start sees 200 worked solutions (passes over them),
     # GRPO fresh prompts with answers only. SFT memorises the 200 within ~800 steps (loss ~0.001), then
-    # generalises slowly to a plateau set by coverage: a problem whose column facts (units digits; tens
-    # digits with the carry) all occur in the demonstrations is solved ~95% of the time, one with a fact
-    # never shown ~40% (probe). In the experiment's run, held-out greedy accuracy is 67% at 1000 steps and
-    # 70% at 1600, and 1667 more steps add nothing; which 200 problems are drawn matters (the pool depends on
-    # seed and on the held-out + test prompts it avoids; another pool plateaued at 68.5%).
+    # generalises slowly, as far as coverage allows: a problem whose column facts (units digits; tens
+    # digits with the carry) all occur in the demonstrations is solved ~95% of the time, one needing a fact
+    # never shown far less often (probe). So which 200 are drawn matters: with this seed the warm start
+    # reaches 26% held-out at 1600 steps and continuing it gains nothing; other draws of 200 reached 61% and
+    # 70% (GRPO then gained +10 and +8 points held-out). 1600 steps: past memorisation; more SFT stops paying.
     rl.sft.update(steps=1600, batch_size=32, num_examples=200, learning_rate=2e-3, warmup_steps=20, eval_every=200)
     rl.prompts_per_step = 16
     rl.group_size = 8  # 128 rollouts per step.
@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rl.rewards = ml_collections.ConfigDict({"accuracy": 1.0, "format": 0.1})
     rl.eval_every = 25
     t = config.train
-    t.steps = 250  # ~1.7 s each on 2 cores; held-out accuracy flattens from ~200 (see the experiment's plot).
+    t.steps = 250  # ~1.7 s each on 2 cores; still climbing at 250, but the experiment must fit in 30 minutes.
     t.learning_rate = 5e-4  # A quarter of the warm start's rate (the policy is small and still learning).
     t.warmup_steps = 5
     config.checkpoint.every = 50

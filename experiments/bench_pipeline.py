@@ -3,11 +3,11 @@
 For GPipe, 1F1B, ZB-H1, DualPipe and DualPipeV on 8 simulated CPU devices, running a small
 DeepSeek-V3 (1 dense + 16 MoE layers, MTP depth 1) with M = 16 micro-batches:
 
-  op costs            F, B, I and W of one stage, each compiled and timed alone on one device (fastest
-                      of 30 runs, interleaved with the other ops), at the
-                      first, a middle and the last stage (the first adds the embedding and the dense
-                      layer, the last the head, MTP and losses); an overlapped F&B pair costs F + B
-                      (CPU runs the pair's halves one after the other);
+  op costs            F, B, I and W of one stage, each compiled and timed alone on one device (the
+                      fastest of --repeats runs, interleaved with the other ops), at the first, a
+                      middle and the last stage (the first adds the embedding and the dense layer, the
+                      last the head, MTP and losses); an overlapped F&B pair costs F + B (CPU runs the
+                      pair's halves one after the other);
   lock-step idle      the executor's tick table (latency 1: sends overlap the next tick) costed with
                       those numbers: a tick lasts as long as its slowest rank's op, so
                       idle = 1 - sum(busy) / (P * sum over ticks of the slowest op);

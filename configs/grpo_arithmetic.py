@@ -32,12 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     rl.max_prompt_tokens = 6  # "99+99=".
     rl.max_new_tokens = 40  # "<think>1819</think><answer>198</answer>" is 39 bytes, then the end token.
     # Demonstrations are the scarce resource: the warm start sees 200 worked solutions (passes over them),
-    # GRPO fresh prompts with answers only. SFT memorises the 200 within ~800 steps (loss ~0.001), then
-    # generalises slowly, as far as coverage allows: a problem whose column facts (units digits; tens
-    # digits with the carry) all occur in the demonstrations is solved ~95% of the time, one needing a fact
-    # never shown far less often (probe). So which 200 are drawn matters: with this seed the warm start
-    # reaches 26% held-out at 1600 steps and continuing it gains nothing; other draws of 200 reached 61% and
-    # 70% (GRPO then gained +10 and +8 points held-out). 1600 steps: past memorisation; more SFT stops paying.
+    # GRPO fresh prompts with answers only. SFT memorises the 200 and then generalises only as far as they
+    # cover the column facts (units digits; tens digits with the carry), so which 200 are drawn matters:
+    # with this seed the warm start reaches 26% held-out at 1600 steps and continuing it gains nothing
+    # (experiments/results/grpo_arithmetic.json); another draw reached 70% (grpo_arithmetic_0ffa9fc.json).
     rl.sft.update(steps=1600, batch_size=32, num_examples=200, learning_rate=2e-3, warmup_steps=20, eval_every=200)
     rl.prompts_per_step = 16
     rl.group_size = 8  # 128 rollouts per step.

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BASE := $(VENV)/.installed-base
 TESTS := $(VENV)/.installed-tests
 
-.PHONY: train test bench notebooks clean
+.PHONY: train test lint bench notebooks clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(BASE): setup.py | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-# dev: pytest and the notebook runner; hf: torch (CPU) and transformers for the parity tests.
+# dev: pytest, ruff and the notebook runner; hf: torch (CPU) and transformers for the parity tests.
 $(TESTS): setup.py | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e ".[dev,hf]"
 	touch $@
@@ -24,9 +24,13 @@ $(TESTS): setup.py | $(VENV)/bin/python
 train: $(BASE)
 	$(PY) -m deepseek_jax.train --config=configs/tiny.py --workdir=runs/tiny
 
-# pytest exits 5 when it collects no test: that is a failure here, never a pass.
-test: $(TESTS)
+# Lint first (ruff, configured in pyproject.toml), so CI enforces it. pytest exits 5 when it collects no
+# test: that is a failure here, never a pass.
+test: lint
 	$(PY) -m pytest -q tests
+
+lint: $(TESTS)
+	$(VENV)/bin/ruff check deepseek_jax tests experiments configs
 
 bench: $(BASE)
 	$(PY) experiments/bench_train.py

@@ -23,9 +23,10 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    # Tests and notebooks.
+    # Tests, notebooks and the linter.
     "dev": [
         "pytest==9.2.0",
+        "ruff==0.17.5",
         "nbclient==0.11.0",
         "nbformat==5.11.1",
         "ipykernel==7.4.0",

@@ -10,6 +10,8 @@ from typing import Any
 
 import ml_collections
 
+from deepseek_jax.data.config import default_data_config
+
 
 def parse_variant(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
     """Parses a `get_config` argument like "mtp=0,dispatch=dense" over typed defaults.
@@ -40,8 +42,6 @@ def parse_variant(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict
 
 def base_config() -> ml_collections.ConfigDict:
     """All groups with their defaults; `model` is left for the config file to fill."""
-    from deepseek_jax.data.config import default_data_config
-
     config = ml_collections.ConfigDict()
     config.seed = 0  # Every random choice of the run (init, sampling) derives from this seed.
     config.model = ml_collections.ConfigDict()  # HF DeepSeek-V3 keys, see deepseek_jax/model/config.py.
@@ -66,6 +66,9 @@ def parallel_config() -> ml_collections.ConfigDict:
     c.capacity_factor = 0.0  # Expert parallelism: per-device buffer = factor x fair share; 0 = dropless.
     c.node_limit = 0  # Node-limited routing: each token's experts on at most this many device groups ...
     c.nodes = 0  # ... of this many (0 = one group per expert-parallel rank). V3: 4 of 8 nodes.
+    # Overrides of the logical-axis rules (parallel/mesh.py), e.g. "vocab=,heads=tensor": a parameter
+    # logical name = the mesh axes (joined by +) it is split over, or nothing to replicate it.
+    c.rules = ""
     return c
 
 

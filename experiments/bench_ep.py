@@ -4,10 +4,10 @@
 
 Bytes (per device, per MoE layer, forward; the backward pass moves the same rows again as cotangents):
 
-  padded buffer   what `ep_dispatch` moves on XLA:CPU (`dispatch_bytes`): (ep-1) blocks of C rows x D for
-                  the dispatch and again for the combine, plus the int32 expert ids. Dropless C = n*min(K, E_l);
-                  with capacity_factor 1.25, C = ceil(1.25*n*K/ep). Cross-checked against the all-to-alls of
-                  the lowered program (forward, and forward + backward).
+  padded buffer   what `ep_dispatch` moves on XLA:CPU (ep_traffic.py's `dispatch_bytes`): (ep-1) blocks of C
+                  rows x D for the dispatch and again for the combine, plus the int32 expert ids. Dropless
+                  C = n*min(K, E_l); with capacity_factor 1.25, C = ceil(1.25*n*K/ep). Cross-checked against the
+                  all-to-alls of the lowered program (forward, and forward + backward).
   payload         the rows that carry a (token, expert) pair off the device (`payload_rows` on real routing),
                   both ways, + 4 bytes of id per row: what a ragged_all_to_all (GPU/TPU) would move with the
                   same one-row-per-pair packing. Not implemented or measured here: a count.
@@ -22,7 +22,7 @@ post-norm hidden state has) and by uniform random top-K; DeepSeek-V3's (D 7168, 
 n = 4096 tokens per device (one 4K sequence per micro-batch, as in DeepSeek's EP64 training profile,
 github.com/deepseek-ai/profile-data), uniform random top-K; EP 64 analytically only.
 
-Step time: the jitted training step (train/step.py, shardings from train/placement.py, as train/loop.py jits it)
+Step time: the jitted training step (train/step.py, shardings from train/placement.py, as train/pretrain.py jits it)
 of the tiny model (3 MoE layers + MTP, 8 experts) on a batch of 8 x 128 tokens, on meshes (data=8/ep,
 expert=ep) of the 8 simulated CPU devices and on a mesh of one device. The 8 devices share this machine's
 cores, so the times measure overheads (all-to-all copies, padded expert GEMMs), not a speed-up.
@@ -53,16 +53,18 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from ep_traffic import dispatch_bytes, payload_rows  # noqa: E402
 
 from deepseek_jax import defaults, model  # noqa: E402
 from deepseek_jax.model import moe  # noqa: E402
 from deepseek_jax.model.config import ModelConfig  # noqa: E402
 from deepseek_jax.parallel import expert_parallel as ep_lib  # noqa: E402
 from deepseek_jax.parallel import mesh as mesh_lib  # noqa: E402
+from deepseek_jax.parallel.dispatch import training_model_config  # noqa: E402
 from deepseek_jax.train import placement  # noqa: E402
 from deepseek_jax.train import step as step_lib  # noqa: E402
 from deepseek_jax.train.optimizer import make_optimizer  # noqa: E402
-from deepseek_jax.train.validation import training_model_config, validate_run_config  # noqa: E402
+from deepseek_jax.train.validation import validate_run_config  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _OUT_DIR = flags.DEFINE_string("out_dir", str(ROOT / "experiments" / "results"), "Where to write the results.")
@@ -137,7 +139,7 @@ def measured_payload(indices_NK: np.ndarray, E: int, ep: int, n: int, row_bytes:
     dropless and with capacity_factor 1.25 (a destination's rows past C are dropped)."""
     K = indices_NK.shape[1]
     shards = indices_NK.shape[0] // n
-    rows_Sp = ep_lib.payload_rows(indices_NK, E, ep, shards)
+    rows_Sp = payload_rows(indices_NK, E, ep, shards)
     off = np.ones_like(rows_Sp, bool)
     off[np.arange(shards), np.arange(shards) % ep] = False
     C = ep_lib.capacity(n, K, E // ep, ep, CAPACITY_FACTOR)
@@ -206,7 +208,7 @@ def bytes_table(name: str, layer: dict) -> list[dict]:
     for ep in layer["eps"]:
         E_l = E // ep
         C0, C1 = ep_lib.capacity(n, K, E_l, ep, 0.0), ep_lib.capacity(n, K, E_l, ep, CAPACITY_FACTOR)
-        padded, padded_cf = (ep_lib.dispatch_bytes(n, K, D, ep, C, itemsize) for C in (C0, C1))
+        padded, padded_cf = (dispatch_bytes(n, K, D, ep, C, itemsize) for C in (C0, C1))
         row = {"layer": name, "ep": ep, "tokens_per_device": n, "capacity_dropless": C0, "capacity_cf": C1,
                "padded_dropless": padded["ep_total"], "padded_cf": padded_cf["ep_total"],
                "allgather": padded["allgather_total"], "dispatch_bytes_dropless": padded,

@@ -29,11 +29,13 @@ import numpy as np
 
 from deepseek_jax import defaults, infer
 from deepseek_jax.data import pipeline, tokenizers
-from deepseek_jax.infer import checkpoints, generation
-from deepseek_jax.infer.decode import DecodeState, Settings
+from deepseek_jax.infer import generation
 from deepseek_jax.infer.sampling import Sampling
+from deepseek_jax.infer.steps import DecodeState, Settings
 from deepseek_jax.model import ModelConfig
 from deepseek_jax.model import init as model_init
+from deepseek_jax.train.validation import validate_run_config
+from deepseek_jax.train.weights import load_weights
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -165,7 +167,8 @@ def timed_pair(first, second, repeats: int = 7):
 
 def speculative_decoding(workdir: str, prompts: int, prompt_length: int, new_tokens: int) -> dict:
     config = defaults.load_config(str(ROOT / "configs" / "tiny.py"))
-    cfg, variables, step = checkpoints.load_trained(config, workdir)
+    weights = load_weights(workdir, validate_run_config(config), optimizer_cfg=config.train)
+    cfg, variables, step = weights.cfg, weights.variables, weights.step
     if step < config.train.steps:
         print(f"warning: {workdir} holds step {step} of {config.train.steps}: a partly trained model drafts "
               "worse.")

@@ -41,11 +41,12 @@ from deepseek_jax import defaults  # noqa: E402
 from deepseek_jax.model import functional  # noqa: E402
 from deepseek_jax.model.config import ModelConfig  # noqa: E402
 from deepseek_jax.model.transformer import default_positions  # noqa: E402
-from deepseek_jax.parallel.pipeline import execute, schedules, stages  # noqa: E402
+from deepseek_jax.parallel.pipeline import execute, schedules  # noqa: E402
 from deepseek_jax.parallel.pipeline.backward_split import split_stage  # noqa: E402
 from deepseek_jax.parallel.pipeline.schedules import Kind  # noqa: E402
 from deepseek_jax.parallel.pipeline.simulate import CostModel, simulate  # noqa: E402
 from deepseek_jax.parallel.pipeline.tables import build_plan  # noqa: E402
+from deepseek_jax.train import pipelined  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _OUT_DIR = flags.DEFINE_string("out_dir", str(ROOT / "experiments" / "results"), "Where to write the results.")
@@ -89,9 +90,9 @@ def _fastest_seconds(calls: dict) -> dict:
 
 def op_costs(cfg, train_cfg, variables, num_stages: int) -> dict:
     """{kind: {'first'|'middle'|'last': seconds}} for one stage of `num_stages`, timed alone."""
-    stage_params, shared, stage_routing, shared_routing = stages.split_variables(
+    stage_params, shared, stage_routing, shared_routing = pipelined.split_variables(
         variables["params"], variables["routing"], num_stages)
-    stage_fn = stages.make_stage_fn(cfg, num_stages, 1.0 / MICROBATCHES, train_cfg.balance_alpha)
+    stage_fn = pipelined.make_stage_fn(cfg, num_stages, 1.0 / MICROBATCHES, train_cfg.balance_alpha)
     batch = jax.tree.map(lambda a: a[:ROWS], batch_for(cfg))
     consts = {"routing": shared_routing, "main_count": jnp.float32(ROWS * LENGTH),
               "mtp_counts": jnp.full((cfg.num_nextn_predict_layers,), float(ROWS * LENGTH)),
@@ -152,7 +153,7 @@ def memory(cfg, train_cfg, variables, plan) -> dict:
     mesh = execute.make_stage_mesh(RANKS)
     batch = batch_for(cfg)
     step = jnp.int32(0)
-    fn = jax.jit(lambda p, r, b: stages.pipelined_grads(p, r, b, step, cfg=cfg, train_cfg=train_cfg, plan=plan,
+    fn = jax.jit(lambda p, r, b: pipelined.pipelined_grads(p, r, b, step, cfg=cfg, train_cfg=train_cfg, plan=plan,
                                                         mesh=mesh))
     start = time.perf_counter()
     compiled = fn.lower(variables["params"], variables["routing"], batch).compile(FAST_COMPILE)
@@ -160,9 +161,9 @@ def memory(cfg, train_cfg, variables, plan) -> dict:
     stats = compiled.memory_analysis()
     # The stash entry's size, from the split of one stage (what the executor allocates per slot).
     S = plan.schedule.num_stages
-    stage_params, shared, stage_routing, shared_routing = stages.split_variables(
+    stage_params, shared, stage_routing, shared_routing = pipelined.split_variables(
         variables["params"], variables["routing"], S)
-    stage_fn = stages.make_stage_fn(cfg, S, 1.0 / MICROBATCHES, train_cfg.balance_alpha)
+    stage_fn = pipelined.make_stage_fn(cfg, S, 1.0 / MICROBATCHES, train_cfg.balance_alpha)
     mb = jax.tree.map(lambda a: a[:ROWS], batch)
     ctx = execute.StageContext(mb, jnp.int32(0), jax.tree.map(lambda a: a[0], stage_routing),
                                {"routing": shared_routing, "main_count": jnp.float32(1), "mtp_counts": jnp.ones((1,)),

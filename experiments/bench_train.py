@@ -20,7 +20,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from deepseek_jax import defaults
 from deepseek_jax.model.config import ModelConfig

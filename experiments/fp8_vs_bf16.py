@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from deepseek_jax import defaults  # noqa: E402
-from deepseek_jax.train.loop import train_and_evaluate  # noqa: E402
 from deepseek_jax.train.metrics import read_csv  # noqa: E402
+from deepseek_jax.train.pretrain import train_and_evaluate  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"

@@ -31,15 +31,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+from accuracy_intervals import paired_gain_interval, wilson_interval  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from deepseek_jax.data import tokenizers  # noqa: E402
-from deepseek_jax.infer import checkpoints  # noqa: E402
 from deepseek_jax.rl import evaluation, tasks  # noqa: E402
 from deepseek_jax.rl.plots import smooth  # noqa: E402
 from deepseek_jax.rl.sft import train_sft  # noqa: E402
 from deepseek_jax.rl.trainer import train_grpo  # noqa: E402
 from deepseek_jax.train.metrics import read_csv  # noqa: E402
+from deepseek_jax.train.validation import validate_run_config  # noqa: E402
+from deepseek_jax.train.weights import load_weights  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -62,7 +64,8 @@ def sft_token_passes_per_step(config) -> int:
 
 def test_correct(config, workdir: str, test_examples: list[tasks.Example]) -> np.ndarray:
     """Greedy correctness [len(test_examples)] of the latest checkpoint in `workdir`."""
-    cfg, variables, _ = checkpoints.load_trained(config, workdir)
+    weights = load_weights(workdir, validate_run_config(config), optimizer_cfg=config.train)
+    cfg, variables = weights.cfg, weights.variables
     correct, _ = evaluation.greedy_correct(
         cfg, variables, tokenizers.make_tokenizer(config.data), test_examples,
         max_prompt_tokens=config.rl.max_prompt_tokens, max_new_tokens=config.rl.max_new_tokens,
@@ -71,12 +74,12 @@ def test_correct(config, workdir: str, test_examples: list[tasks.Example]) -> np
 
 
 def describe(correct: np.ndarray) -> dict:
-    lo, hi = evaluation.wilson_interval(correct)
+    lo, hi = wilson_interval(correct)
     return {"accuracy": float(correct.mean()), "ci95": [lo, hi], "n": int(len(correct))}
 
 
 def difference(after: np.ndarray, before: np.ndarray) -> dict:
-    g, lo, hi = evaluation.paired_gain_interval(after, before)
+    g, lo, hi = paired_gain_interval(after, before)
     return {"gain": g, "ci95": [lo, hi]}
 
 

@@ -1,6 +1,11 @@
 """Test setup: 8 simulated CPU devices, float32, before jax is imported anywhere."""
 
 import os
+import pathlib
+import sys
+
+# The experiments' helper modules (experiments/ep_traffic.py, accuracy_intervals.py) are tested here too.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -275,7 +275,7 @@ def test_logits_hidden_states_and_routing_match_transformers(case, runs):
     diffs = [float(np.max(np.abs(a - b))) for a, b in zip(layers, hf_layers)]
     logit_diff = float(np.max(np.abs(logits - hf_logits)))
     print(f"\n[parity] {case}: logits max|diff| {logit_diff:.2e} (max|logit| {np.abs(hf_logits).max():.2f}); "
-          f"layers {['%.1e' % d for d in diffs]} (max|h| {max(np.abs(h).max() for h in hf_layers):.1f})")
+          f"layers {[f'{d:.1e}' for d in diffs]} (max|h| {max(np.abs(h).max() for h in hf_layers):.1f})")
     assert logit_diff <= TOL and max(diffs) <= TOL
     assert len(routes) == len(hf_routes) == cfg.num_moe_layers
     for (w, i), (hf_w, hf_i) in zip(routes, hf_routes):

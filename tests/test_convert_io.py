@@ -20,8 +20,7 @@ pytest.importorskip("transformers")
 
 import safetensors.torch  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
-from test_convert import (  # noqa: E402, F401  (checkpoints is a fixture)
-    CLASSES, FAST_COMPILE, checkpoints, quantise_block, tokens_for)
+from test_convert import CLASSES, FAST_COMPILE, checkpoints, quantise_block, tokens_for  # noqa: E402, F401  (checkpoints is a fixture)
 
 from deepseek_jax import convert, model  # noqa: E402
 from deepseek_jax.convert.safetensors_io import CheckpointFiles  # noqa: E402

@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 from common import ROOT, micro_run_config
 
-from deepseek_jax.train.loop import train_and_evaluate
+from deepseek_jax.train.pretrain import train_and_evaluate
 
 TESTS = ROOT / "tests"
 

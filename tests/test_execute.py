@@ -9,20 +9,22 @@ Programs are compiled with XLA's CPU backend optimisations off: compile time dom
 import functools
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
-import ml_collections
 import pytest
-
 from common import micro_run_config
+
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.parallel import mesh as mesh_lib
-from deepseek_jax.parallel.pipeline import execute, schedules, stages
+from deepseek_jax.parallel.pipeline import execute, schedules
 from deepseek_jax.parallel.pipeline.backward_split import split_stage
 from deepseek_jax.parallel.pipeline.simulate import CostModel, simulate
 from deepseek_jax.parallel.pipeline.tables import build_plan
+from deepseek_jax.train import pipelined
 from deepseek_jax.train import step as step_lib
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -74,7 +76,7 @@ def toy_reference(stage, shared, inputs, consts):
 
 def assert_close(actual, expected, rtol=1e-5):
     """Every leaf within rtol of the largest magnitude of its expected leaf."""
-    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    chex.assert_trees_all_equal_structs(actual, expected)
     for (path, e), a in zip(jax.tree_util.tree_flatten_with_path(expected)[0], jax.tree.leaves(actual)):
         a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
         error = np.max(np.abs(a - e), initial=0.0) / max(np.max(np.abs(e), initial=0.0), 1e-12)
@@ -263,7 +265,7 @@ def test_real_model_train_step_matches_unpipelined(micro, name, stage, data, mic
     step on one device, within 1e-5 relative."""
     c, cfg, tx, state, batch, (ref_state, ref_metrics) = micro
     mesh = execute.make_stage_mesh(stage) if data == 1 else stage_data_mesh(stage, data)
-    step = stages.make_pipelined_step(cfg, c.train, tx, name, num_ranks=stage, num_microbatches=microbatches,
+    step = pipelined.make_pipelined_step(cfg, c.train, tx, name, num_ranks=stage, num_microbatches=microbatches,
                                       mesh=mesh)
     new_state, metrics = jax.jit(step, compiler_options=FAST_COMPILE)(state, batch)
     assert_close(new_state.opt_state, ref_state.opt_state)  # the gradients (recording optimizer)
@@ -276,7 +278,7 @@ def test_real_model_train_step_matches_unpipelined(micro, name, stage, data, mic
 def test_rejects_bad_configurations(micro):
     c, cfg, tx, *_ = micro
     with pytest.raises(ValueError, match="MoE layers evenly over 8 stages"):
-        stages.make_pipelined_step(cfg, c.train, tx, "dualpipev", num_ranks=4, num_microbatches=8)
+        pipelined.make_pipelined_step(cfg, c.train, tx, "dualpipev", num_ranks=4, num_microbatches=8)
     with pytest.raises(ValueError, match="ranks but mesh axis"):
         execute.pipeline_gradients(schedules.gpipe(2, 2), toy_stage, {}, {}, {}, mesh=execute.make_stage_mesh(4),
                                    x_aval=jax.ShapeDtypeStruct((1,), jnp.float32))

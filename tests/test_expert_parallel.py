@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ep_traffic import dispatch_bytes, payload_rows
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.model.experts import dense_dispatch
-from deepseek_jax.parallel.expert_parallel import (capacity, dispatch_bytes, ep_dispatch,
-                                                   payload_rows)
+from deepseek_jax.parallel.expert_parallel import capacity, ep_dispatch
 
 AXES = ("stage", "data", "expert", "tensor")
 D, F = 8, 4

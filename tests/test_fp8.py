@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-
 from fp8_reference import (
     assert_within_f32_rounding,
     gaussian,
@@ -37,10 +36,11 @@ from deepseek_jax.ops.fp8 import (
     quantize_tiles,
 )
 
+
 @functools.partial(jax.jit, static_argnums=0)
 def forward_backward(recipe, x, w, dy):
-    """(y, dx, dw) of recipe(x, w) with output cotangent dy, jitted (eager dispatch is slow)."""
-    y, vjp = jax.vjp(recipe, x, w)
+    """(y, dx, dw) of recipe.matmul(x, w) with output cotangent dy, jitted (eager dispatch is slow)."""
+    y, vjp = jax.vjp(recipe.matmul, x, w)
     return (y, *vjp(dy))
 
 
@@ -123,9 +123,9 @@ def test_non_finite_inputs_propagate(bad):
     assert np.all(np.isnan(deq[1, 16:32]))
     assert np.all(np.isfinite(np.delete(deq, 1, axis=0))) and np.all(np.isfinite(deq[1, :16]))
     w = gaussian(6, (32, 8))
-    y = np.asarray(jax.jit(Fp8Recipe(tile=16))(x, w))
+    y = np.asarray(jax.jit(Fp8Recipe(tile=16).matmul)(x, w))
     assert np.all(~np.isfinite(y[1])) and np.all(np.isfinite(np.delete(y, 1, axis=0)))
-    assert np.all(~np.isfinite(np.asarray(jax.jit(PerTensorFp8Recipe())(x, w))))
+    assert np.all(~np.isfinite(np.asarray(jax.jit(PerTensorFp8Recipe().matmul)(x, w))))
     q, s = quantize_blockwise_2d(jnp.asarray(x.T), 16)
     assert np.all(np.isnan(np.asarray(dequantize_blockwise_2d(q, s, 16))[16:32, :]))
 
@@ -217,7 +217,9 @@ def _dot_signatures(hlo: str) -> list[str]:
 
 def test_lowered_grad_has_three_fp8_gemms():
     x, w = jnp.ones((16, 256)), jnp.ones((256, 384))
-    loss = lambda x, w: jnp.sum(jnp.sin(Fp8Recipe()(x, w)))
+    def loss(x, w):
+        return jnp.sum(jnp.sin(Fp8Recipe().matmul(x, w)))
+
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).as_text()
     sigs = _dot_signatures(hlo)
     f8, f32 = "xf8E4M3FN>", "xf32>"
@@ -246,8 +248,8 @@ def test_per_tensor_scaling_loses_small_channels(outlier, per_tensor_min_err):
     assert rel_err(blockwise[:, small], x[:, small]) < 0.04
     assert rel_err(per_tensor[:, small], x[:, small]) > per_tensor_min_err
     y = x.astype(np.float64) @ w
-    assert rel_err(jax.jit(Fp8Recipe())(x, w), y) < 0.05
-    assert rel_err(jax.jit(PerTensorFp8Recipe())(x, w), y) > per_tensor_min_err
+    assert rel_err(jax.jit(Fp8Recipe().matmul)(x, w), y) < 0.05
+    assert rel_err(jax.jit(PerTensorFp8Recipe().matmul)(x, w), y) > per_tensor_min_err
 
 
 def test_per_tensor_grads_match_numpy_reference():
@@ -272,4 +274,4 @@ def test_recipe_is_hashable_and_validated():
     with pytest.raises(ValueError, match="fp8_dtype"):
         Fp8Recipe(fp8_dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="w \\[K, M\\]"):
-        Fp8Recipe()(jnp.ones((2, 3)), jnp.ones((4, 5)))
+        Fp8Recipe().matmul(jnp.ones((2, 3)), jnp.ones((4, 5)))

@@ -30,7 +30,7 @@ from deepseek_jax.model.experts import RoutedExperts, ragged_dispatch
 from deepseek_jax.ops import fp8
 from deepseek_jax.ops.fp8 import Fp8Recipe, PerTensorFp8Recipe
 from deepseek_jax.ops.fp8_grouped import fp8_ragged_dot, fp8_routed_ragged_dots
-from deepseek_jax.parallel.expert_parallel import ep_dispatch
+from deepseek_jax.parallel.expert_parallel import ExpertParallel, ep_dispatch
 from deepseek_jax.train import step as step_lib
 from deepseek_jax.train.optimizer import make_optimizer
 
@@ -192,7 +192,8 @@ def test_routed_experts_module_wiring(tmp_path):
     variables = RoutedExperts(cfg).init(jax.random.key(0), x, weights, idx)
 
     def calls(dispatch, recipe):
-        module = RoutedExperts(cfg.replace(moe_dispatch=dispatch), recipe=recipe)
+        module = RoutedExperts(cfg.replace(moe_dispatch=dispatch), recipe=recipe,
+                               dispatch=ExpertParallel() if dispatch == "ep" else None)
         return _custom_vjp_names(jax.make_jaxpr(lambda v: module.apply(v, x, weights, idx))(variables).jaxpr)
 
     assert calls("ragged", Fp8Recipe(tile=8)) == ["_fp8_grouped_gemms"] * 2
@@ -219,7 +220,7 @@ def test_train_step_lowers_expert_gemms_to_fp8(tmp_path):
     state = jax.eval_shape(lambda: step_lib.init_state(cfg, tx, jax.random.key(0)))
     batch = {k: jax.ShapeDtypeStruct((2, 16), jnp.int32) for k in ("tokens", "segment_ids", "positions")}
     lower = lambda recipe: jax.jit(functools.partial(  # noqa: E731
-        step_lib.train_step, cfg=cfg, train_cfg=c.train, tx=tx, matmul=recipe)).lower(state, batch).as_text()
+        step_lib.train_step, cfg=cfg, train_cfg=c.train, tx=tx, recipe=recipe)).lower(state, batch).as_text()
     sigs = _dot_signatures(lower(Fp8Recipe(tile=8)))
     f8, f32 = "xf8E4M3FN>", "xf32>"
     gate_up_fprop = down_dgrad = f"(tensor<4x4x64x8{f8}, tensor<4x4x8x16{f8}) -> tensor<4x64x16{f32}"

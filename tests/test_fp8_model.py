@@ -13,7 +13,7 @@ from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.ops.fp8 import Fp8Recipe, make_recipe
 from deepseek_jax.train import step as step_lib
 from deepseek_jax.train.optimizer import make_optimizer
-from deepseek_jax.train.precision import matmul_for
+from deepseek_jax.train.precision import recipe_for
 
 
 def _is_fp8(var) -> bool:
@@ -47,7 +47,7 @@ def test_fp8_only_in_eligible_linears(micro):
     _, cfg = micro
     variables = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
     tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
-    jaxpr = jax.make_jaxpr(lambda v, t: model.apply(cfg, v, t, matmul=Fp8Recipe(tile=8)))(variables, tokens)
+    jaxpr = jax.make_jaxpr(lambda v, t: model.apply(cfg, v, t, recipe=Fp8Recipe(tile=8)))(variables, tokens)
     fp8_calls, leaks = [], []
     _walk(jaxpr.jaxpr, fp8_calls, leaks)
     # The scanned stacks appear once each: a dense block and a MoE block (5 MLA projections + 3 MLP
@@ -65,12 +65,12 @@ def test_fp8_train_step_lowers_to_fp8_gemms_forward_and_backward(micro):
     state = jax.eval_shape(lambda: step_lib.init_state(cfg, tx, jax.random.key(0)))
     batch = {k: jax.ShapeDtypeStruct((2, 16), jnp.int32) for k in ("tokens", "segment_ids", "positions")}
     recipe = Fp8Recipe(tile=8)
-    text = jax.jit(functools.partial(step_lib.train_step, cfg=cfg, train_cfg=c.train, tx=tx, matmul=recipe)
+    text = jax.jit(functools.partial(step_lib.train_step, cfg=cfg, train_cfg=c.train, tx=tx, recipe=recipe)
                    ).lower(state, batch).as_text()
     fp8_dots = [line for line in text.splitlines()
                 if "dot_general" in line and "f8E4M3FN" in line and "-> tensor<" in line]
     assert fp8_dots and all(line.rstrip().endswith("xf32>") for line in fp8_dots)
-    forward = jax.jit(lambda v, t: model.apply(cfg, v, t, matmul=recipe)[:2]).lower(
+    forward = jax.jit(lambda v, t: model.apply(cfg, v, t, recipe=recipe)[:2]).lower(
         {"params": state.params, "routing": state.routing}, batch["tokens"]).as_text()
     forward_dots = [line for line in forward.splitlines() if "dot_general" in line and "f8E4M3FN" in line]
     # Fprop, Dgrad and Wgrad: three FP8 GEMMs per Linear and per routed-expert GEMM (gate, up, down in
@@ -87,7 +87,7 @@ def test_fp8_training_step_tracks_float32(micro):
              "positions": jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), tokens.shape)}
     losses = {}
     for name, recipe in (("f32", None), ("fp8", make_recipe("fine_grained", tile=8))):
-        fn = jax.jit(functools.partial(step_lib.loss_and_metrics, cfg=cfg, train_cfg=c.train, matmul=recipe))
+        fn = jax.jit(functools.partial(step_lib.loss_and_metrics, cfg=cfg, train_cfg=c.train, recipe=recipe))
         losses[name] = float(fn(state.params, state.routing, batch, state.step)[0])
     assert losses["fp8"] == pytest.approx(losses["f32"], rel=1e-2)
     assert losses["fp8"] != losses["f32"]  # It really ran in FP8.
@@ -95,10 +95,10 @@ def test_fp8_training_step_tracks_float32(micro):
 
 def test_config_selects_the_recipe(micro):
     c, _ = micro
-    assert matmul_for(c) is None
+    assert recipe_for(c) is None
     c.fp8.enabled = True
-    assert isinstance(matmul_for(c), Fp8Recipe)
+    assert isinstance(recipe_for(c), Fp8Recipe)
     c.fp8.recipe = "per_channel"
     with pytest.raises(ValueError, match="config.fp8.recipe='per_channel'"):
-        matmul_for(c)
+        recipe_for(c)
     np.testing.assert_equal(make_recipe("fine_grained").tile, 128)

@@ -17,8 +17,8 @@ from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.rl import config as rl_config
 from deepseek_jax.rl import objective, policy, rollout, update
 from deepseek_jax.rl.objective import LossSettings
-from deepseek_jax.rl.tasks import Example
 from deepseek_jax.rl.sft import sft_batch, train_sft
+from deepseek_jax.rl.tasks import Example
 from deepseek_jax.rl.trainer import train_grpo
 from deepseek_jax.train import checkpoint as checkpoint_lib
 from deepseek_jax.train import step as step_lib

@@ -4,10 +4,11 @@ accuracy intervals (no model, no compilation)."""
 import json
 import math
 
+import accuracy_intervals
 import numpy as np
 import pytest
 
-from deepseek_jax.rl import evaluation, rewards, tasks
+from deepseek_jax.rl import rewards, tasks
 from deepseek_jax.rl.tasks import Example
 
 EX = Example("12+30=", "42")
@@ -165,13 +166,13 @@ def test_sft_jsonl_is_what_the_trainer_reads(tmp_path):
 
 
 def test_intervals():
-    lo, hi = evaluation.wilson_interval(np.array([True] * 50 + [False] * 50))
+    lo, hi = accuracy_intervals.wilson_interval(np.array([True] * 50 + [False] * 50))
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)  # Textbook value.
-    lo, hi = evaluation.wilson_interval(np.ones(20, bool))
+    lo, hi = accuracy_intervals.wilson_interval(np.ones(20, bool))
     assert hi == pytest.approx(1.0) and lo == pytest.approx(0.8389, abs=1e-4)  # Stays inside [0, 1] where p = 1.
     before = np.array([0, 0, 1, 1, 0, 1, 0, 0] * 25, bool)
     after = np.array([1, 0, 1, 1, 1, 1, 0, 1] * 25, bool)
-    gain, lo, hi = evaluation.paired_gain_interval(after, before)
+    gain, lo, hi = accuracy_intervals.paired_gain_interval(after, before)
     d = np.array([1, 0, 0, 0, 1, 0, 0, 1] * 25, float)
     assert gain == pytest.approx(3 / 8)
     assert hi - gain == pytest.approx(gain - lo) == pytest.approx(1.959964 * d.std(ddof=1) / np.sqrt(200))

@@ -14,12 +14,13 @@ from common import micro_run_config, model_config
 from deepseek_jax import infer, model
 from deepseek_jax.data import tokenizers
 from deepseek_jax.infer import cached, sampling, speculative, text
-from deepseek_jax.infer.uncached import generate_uncached
 from deepseek_jax.model import experts
 from deepseek_jax.model.mtp import shift_left
+from deepseek_jax.parallel.dispatch import for_decoding
 from deepseek_jax.train import checkpoint as checkpoint_lib
 from deepseek_jax.train import step as step_lib
 from deepseek_jax.train.optimizer import make_optimizer
+from deepseek_jax.train.sample import generate_uncached
 
 DEPTH = 2  # MTP modules, so drafts of two tokens are verified per step.
 PROMPTS = np.array([[11, 12, 13, 14, 15, 16, 17], [21, 22, 23, 0, 0, 0, 0], [31, 32, 33, -1, -1, -1, -1]])
@@ -122,8 +123,8 @@ def test_gather_dispatch_equals_dense():
     np.testing.assert_allclose(np.asarray(jax.jit(experts.gather_dispatch)(x, weights, indices, w)),
                                np.asarray(jax.jit(experts.dense_dispatch)(x, weights, indices, w)), atol=1e-5,
                                rtol=1e-5)
-    assert cached.dispatch_for(model_config(), 4).moe_dispatch == "gather"  # 4 tokens x 2 <= 8 experts.
-    assert cached.dispatch_for(model_config(), 5).moe_dispatch == "ragged"
+    assert for_decoding(model_config(), 4).moe_dispatch == "gather"  # 4 tokens x 2 <= 8 experts.
+    assert for_decoding(model_config(), 5).moe_dispatch == "ragged"
 
 
 def _silent_mtp(cfg, variables):

@@ -9,7 +9,6 @@ from common import model_config
 from deepseek_jax import model
 from deepseek_jax.train import losses
 
-
 apply = jax.jit(model.apply, static_argnums=0)
 
 

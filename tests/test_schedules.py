@@ -208,7 +208,7 @@ def test_format_schedule():
 def test_cli_prints_one_line_per_rank(tmp_path):
     png = tmp_path / "dualpipev.png"
     result = subprocess.run(
-        [sys.executable, "-m", "deepseek_jax.parallel.pipeline.schedules", "--schedule=dualpipev",
+        [sys.executable, "-m", "deepseek_jax.parallel.pipeline", "--schedule=dualpipev",
          "--ranks=2", "--microbatches=4", f"--plot={png}"],
         capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     lines = result.stdout.splitlines()

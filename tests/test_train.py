@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,8 @@ from deepseek_jax.train import balance, checkpoint, optimizer
 from deepseek_jax.train import step as step_lib
 from deepseek_jax.train.ema import HostEMA
 from deepseek_jax.train.evaluation import evaluate_checkpoint
-from deepseek_jax.train.loop import TrainingStopped, train_and_evaluate
+from deepseek_jax.train.loop import TrainingStopped
+from deepseek_jax.train.pretrain import train_and_evaluate
 
 
 def read_rows(workdir):
@@ -125,8 +127,7 @@ def test_remat_policies_give_identical_gradients(tmp_path):
     # (observed: 5e-6 relative on a handful of elements), not bit for bit.
     reference = grads("none")
     for policy in ("deepseek", "full"):
-        for a, b in zip(jax.tree.leaves(grads(policy)), jax.tree.leaves(reference)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-8)
+        chex.assert_trees_all_close(grads(policy), reference, rtol=2e-5, atol=1e-8)
 
 
 def test_deepseek_policy_recomputes_norms_and_up_projections(tmp_path):
@@ -205,7 +206,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(full_run, tmp_path)
     shutil.copytree(workdir, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))  # Back to the step-3 checkpoint.
     with open(os.path.join(resumed, "metrics.csv")) as f:  # Forget what steps 4-6 logged.
-        kept = [line for line in f if not line.split(",")[0] in ("4", "5", "6")]
+        kept = [line for line in f if line.split(",")[0] not in ("4", "5", "6")]
     with open(os.path.join(resumed, "metrics.csv"), "w") as f:
         f.writelines(kept)
     summary = train_and_evaluate(c, resumed)
@@ -293,6 +294,16 @@ def test_fine_tune_starts_from_a_converted_checkpoint(tmp_path):
     summary = train_and_evaluate(c, str(tmp_path / "run"))
     expected = evaluate(cfg, variables, c.data, c.train.eval_batches)
     assert summary["initial_eval_bpb"] == pytest.approx(expected["bpb"], rel=1e-6)
+
+
+def test_fine_tune_starts_from_a_training_run(full_run, tmp_path):
+    """`train.init_from` also takes a training run's workdir: its latest params, a fresh optimizer."""
+    c, workdir, _ = full_run
+    c = micro_run_config(tmp_path, write_corpus=False, steps=1, warmup_steps=0, ema_decay=0.0)
+    c.data.path = full_run[0].data.path
+    c.train.init_from = workdir
+    summary = train_and_evaluate(c, str(tmp_path / "fine_tuned"))
+    assert summary["initial_eval_bpb"] == pytest.approx(evaluate_checkpoint(full_run[0], workdir)["bpb"], rel=1e-6)
 
 
 def test_pipelined_data_parallel_run_matches_the_unpipelined_one(tmp_path):

@@ -10,7 +10,7 @@ fine-tune from (`load_workdir`); `--direction=export` writes it back.
 from deepseek_jax.convert.hf_config import CheckpointFormat, from_hf, to_hf
 from deepseek_jax.convert.hf_export import EXPORT_DTYPES, quantize_exact, save_checkpoint
 from deepseek_jax.convert.hf_import import load_checkpoint
-from deepseek_jax.convert.workdir import hf_to_workdir, load_workdir, workdir_to_hf
+from deepseek_jax.convert.workdir import SUBDIR, hf_to_workdir, load_workdir, workdir_to_hf
 
-__all__ = ["CheckpointFormat", "EXPORT_DTYPES", "from_hf", "hf_to_workdir", "load_checkpoint", "load_workdir",
+__all__ = ["CheckpointFormat", "EXPORT_DTYPES", "SUBDIR", "from_hf", "hf_to_workdir", "load_checkpoint", "load_workdir",
            "quantize_exact", "save_checkpoint", "to_hf", "workdir_to_hf"]

@@ -4,8 +4,8 @@
     python -m deepseek_jax.convert --direction=export --workdir=runs/v3 --hf_path=/out/v3 --dtype=bfloat16
 """
 
-from absl import app, flags, logging
 import jax
+from absl import app, flags, logging
 
 from deepseek_jax import convert
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.functional import abstract_variables
+from deepseek_jax.model.names import DENSE, EMBED, HEAD, NORM, STACKS, mtp_depth
 
 Path = tuple[str, ...]
 
@@ -102,9 +103,9 @@ def _in_layer(cfg: ModelConfig, path: Path, shape: tuple[int, ...], prefix: str,
 
 
 MTP_NAMES = {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj", "norm": "shared_head.norm"}
-TOP_NAMES = {("embed_tokens", "embedding"): ("model.embed_tokens.weight", False),
-             ("norm", "scale"): ("model.norm.weight", False),
-             ("lm_head", "kernel"): ("lm_head.weight", True)}
+TOP_NAMES = {(EMBED, "embedding"): ("model.embed_tokens.weight", False),
+             (NORM, "scale"): ("model.norm.weight", False),
+             (HEAD, "kernel"): ("lm_head.weight", True)}
 
 
 def _unknown(path: Path) -> ValueError:
@@ -115,11 +116,11 @@ def _unknown(path: Path) -> ValueError:
 def leaf_for(cfg: ModelConfig, path: Path, shape: tuple[int, ...]) -> Leaf:
     _, top, *rest = path
     rest = tuple(rest)
-    if top in ("dense_layers", "moe_layers"):
-        first = 0 if top == "dense_layers" else cfg.num_dense_layers
+    if top in STACKS:
+        first = 0 if top == DENSE else cfg.num_dense_layers
         return _in_layer(cfg, path, shape, "model.layers.{layer}", rest, tuple(range(first, first + shape[0])))
-    if top.startswith("mtp_"):
-        prefix = f"model.layers.{cfg.num_hidden_layers + int(top[len('mtp_'):])}"
+    if mtp_depth(top) is not None:
+        prefix = f"model.layers.{cfg.num_hidden_layers + mtp_depth(top)}"
         if rest[0] == "block":
             return _in_layer(cfg, path, shape, prefix, rest[1:], ())
         if rest[0] in MTP_NAMES and len(rest) == 2:

@@ -7,6 +7,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from deepseek_jax.checks import is_int
+
 
 def default_data_config() -> ml_collections.ConfigDict:
     """The `config.data` group with defaults that train on CPU with no download."""
@@ -75,27 +77,27 @@ def validate_data_config(c: ml_collections.ConfigDict) -> None:
         "tokenizer",
         "use 'byte' or the path of an existing tokenizer.json.",
     )
-    need(_is_int(c.seq_len) and c.seq_len >= 2, "seq_len", "must be an int >= 2.")
-    need(_is_int(c.batch_size) and c.batch_size >= 1, "batch_size", "must be an int >= 1.")
+    need(is_int(c.seq_len) and c.seq_len >= 2, "seq_len", "must be an int >= 2.")
+    need(is_int(c.batch_size) and c.batch_size >= 1, "batch_size", "must be an int >= 1.")
     need(
         isinstance(c.validation_fraction, (int, float)) and 0.0 <= c.validation_fraction < 1.0,
         "validation_fraction",
         "must be in [0, 1).",
     )
-    need(_is_int(c.seed) and 0 <= c.seed < 2**32, "seed", "must be an int in [0, 2**32).")
-    need(_is_int(c.shuffle_rows) and c.shuffle_rows >= 0, "shuffle_rows", "must be an int >= 0.")
+    need(is_int(c.seed) and 0 <= c.seed < 2**32, "seed", "must be an int in [0, 2**32).")
+    need(is_int(c.shuffle_rows) and c.shuffle_rows >= 0, "shuffle_rows", "must be an int >= 0.")
     need(
-        c.num_epochs is None or (_is_int(c.num_epochs) and c.num_epochs >= 1),
+        c.num_epochs is None or (is_int(c.num_epochs) and c.num_epochs >= 1),
         "num_epochs",
         "must be None (forever) or an int >= 1.",
     )
-    need(_is_int(c.prefetch) and c.prefetch >= 0, "prefetch", "must be an int >= 0.")
-    need(_is_int(c.num_workers) and c.num_workers >= 0, "num_workers", "must be an int >= 0.")
+    need(is_int(c.prefetch) and c.prefetch >= 0, "prefetch", "must be an int >= 0.")
+    need(is_int(c.num_workers) and c.num_workers >= 0, "num_workers", "must be an int >= 0.")
 
 
 def validate_sharding(c: ml_collections.ConfigDict, shard_index: int, shard_count: int) -> None:
     """Raises ValueError unless 0 <= shard_index < shard_count divides data.batch_size."""
-    if not (_is_int(shard_count) and shard_count >= 1 and 0 <= shard_index < shard_count):
+    if not (is_int(shard_count) and shard_count >= 1 and 0 <= shard_index < shard_count):
         raise ValueError(
             f"shard_index={shard_index}, shard_count={shard_count}: need 0 <= shard_index < shard_count."
         )
@@ -104,7 +106,3 @@ def validate_sharding(c: ml_collections.ConfigDict, shard_index: int, shard_coun
             f"data.batch_size={c.batch_size} is not divisible by shard_count={shard_count} "
             "(the process count); make the global batch a multiple of it."
         )
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)

@@ -40,16 +40,16 @@ from __future__ import annotations
 import functools
 import json
 import weakref
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from absl import flags
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
 from deepseek_jax.data import config as config_lib
-from deepseek_jax.data import sources
-from deepseek_jax.data import tokenizers
+from deepseek_jax.data import sources, tokenizers
 
 Batch = dict[str, np.ndarray]
 

@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 import sysconfig
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from absl import logging
 

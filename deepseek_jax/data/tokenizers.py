@@ -8,7 +8,8 @@ are encoded without special tokens; the pipeline appends `eos_id` to each.
 from __future__ import annotations
 
 import os
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import ml_collections
 import numpy as np

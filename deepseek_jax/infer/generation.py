@@ -13,7 +13,7 @@ Input conventions:
 `generate`/`decode` run the jitted prefill, then one jitted `lax.while_loop` of decode steps (it stops
 early once every row is done). `stream` runs the same prefill and step functions, each jitted once,
 from a Python loop, handing back each step's new tokens (what the command line prints as they come).
-Programs are cached per model config, shapes, `decode.Settings` and greedy-or-not: never per token,
+Programs are cached per model config, shapes, `steps.Settings` and greedy-or-not: never per token,
 nor per temperature, top-k, top-p, stop tokens or key (traced values).
 """
 
@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax.infer import decode as decode_lib
-from deepseek_jax.infer import speculative
-from deepseek_jax.infer.cached import ATTENTION
-from deepseek_jax.infer.decode import DecodeState, Settings
+from deepseek_jax.checks import is_int
+from deepseek_jax.infer import speculative, steps
 from deepseek_jax.infer.sampling import Sampling
+from deepseek_jax.infer.steps import DecodeState, Settings
 from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.model.mla import CACHED_ATTENTION
 
 
 class Generation(NamedTuple):
@@ -54,7 +54,7 @@ class Generation(NamedTuple):
 def start(cfg: ModelConfig, s: Settings, variables: dict, prompt_BT: jnp.ndarray, lengths_B: jnp.ndarray,
           stop_tokens: jnp.ndarray, sampling: Sampling, key: jax.Array) -> DecodeState:
     """Prefill (and first drafts when speculative)."""
-    state, h0 = decode_lib.prefill(cfg, variables, prompt_BT, lengths_B, stop_tokens, sampling, key, s)
+    state, h0 = steps.prefill(cfg, variables, prompt_BT, lengths_B, stop_tokens, sampling, key, s)
     if s.speculative:
         state = speculative.first_drafts(cfg, variables, state, h0, prompt_BT, s)
     return state
@@ -62,7 +62,7 @@ def start(cfg: ModelConfig, s: Settings, variables: dict, prompt_BT: jnp.ndarray
 
 def step(cfg: ModelConfig, s: Settings, variables: dict, state: DecodeState) -> DecodeState:
     """One decode step: a token per row, or a speculative verify-and-draft."""
-    fn = speculative.speculative_step if s.speculative else decode_lib.decode_step
+    fn = speculative.speculative_step if s.speculative else steps.decode_step
     return fn(cfg, variables, state, s)
 
 
@@ -90,10 +90,6 @@ def _result(state: DecodeState) -> Generation:
     return Generation(tokens=np.asarray(host.tokens), lengths=np.asarray(host.prompt_lengths + host.num_generated),
                       num_generated=np.asarray(host.num_generated), drafted=np.asarray(host.drafted),
                       accepted=np.asarray(host.accepted), forward_passes=int(host.step))
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def prepare(cfg: ModelConfig, prompt_tokens, *, max_new_tokens: int, temperature: float = 0.0,
@@ -126,7 +122,7 @@ def prepare(cfg: ModelConfig, prompt_tokens, *, max_new_tokens: int, temperature
         b, t = map(int, np.argwhere(bad)[0])
         raise ValueError(f"prompt token {int(prompt[b, t])} at row {b}, position {t} is not a token id: "
                          f"ids must be in [0, vocab_size={cfg.vocab_size}).")
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
     longest = int(lengths.max()) + max_new_tokens
     if longest > cfg.max_position_embeddings:
@@ -135,7 +131,7 @@ def prepare(cfg: ModelConfig, prompt_tokens, *, max_new_tokens: int, temperature
                          f"{cfg.max_position_embeddings}: shorten the prompt or generate fewer tokens.")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}.")
-    if top_k is not None and not (_is_int(top_k) and 1 <= top_k <= cfg.vocab_size):
+    if top_k is not None and not (is_int(top_k) and 1 <= top_k <= cfg.vocab_size):
         raise ValueError(f"top_k must be None or an integer in [1, {cfg.vocab_size}], got {top_k!r}.")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}.")
@@ -144,19 +140,19 @@ def prepare(cfg: ModelConfig, prompt_tokens, *, max_new_tokens: int, temperature
     if speculative and cfg.num_nextn_predict_layers == 0:
         raise ValueError("speculative=True drafts with the MTP modules, but this model has none "
                          "(num_nextn_predict_layers=0): use speculative=False.")
-    if attention not in ATTENTION:
-        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}.")
+    if attention not in CACHED_ATTENTION:
+        raise ValueError(f"attention must be one of {CACHED_ATTENTION}, got {attention!r}.")
     stops = [int(t) for t in stop_tokens]
     if any(not 0 <= t < cfg.vocab_size for t in stops):
         raise ValueError(f"stop_tokens {stops} must be ids in [0, {cfg.vocab_size}).")
-    if not _is_int(pad_id):
+    if not is_int(pad_id):
         raise ValueError(f"pad_id must be an integer, got {pad_id!r}.")
     draft_slots = cfg.num_nextn_predict_layers if speculative else 0
     needed = T + max(max_new_tokens - 1, 0) + draft_slots
     if cache_size is None:
         cache_size = needed
-    elif not _is_int(cache_size) or cache_size < needed:
-        what = (f"the prompt of {T} tokens is longer than the cache ({cache_size} slots)" if _is_int(cache_size)
+    elif not is_int(cache_size) or cache_size < needed:
+        what = (f"the prompt of {T} tokens is longer than the cache ({cache_size} slots)" if is_int(cache_size)
                 and T > cache_size else f"a cache of {cache_size!r} slots cannot hold a {T}-token prompt plus "
                 f"{max_new_tokens} new tokens" + (f" and {draft_slots} draft slots" if draft_slots else ""))
         raise ValueError(f"{what}: use cache_size >= {needed} (or None).")

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.infer import cached
-from deepseek_jax.infer.cache import KVCache
-from deepseek_jax.infer.decode import DecodeState, Settings, advance, choice_key, emit, last_valid
 from deepseek_jax.infer.sampling import Sampling, probabilities, sample, sample_probs
+from deepseek_jax.infer.steps import DecodeState, Settings, advance, choice_key, emit, last_valid
+from deepseek_jax.model.cache import KVCache
 from deepseek_jax.model.config import ModelConfig
 
 

@@ -17,8 +17,10 @@ import ml_collections
 import numpy as np
 
 from deepseek_jax.data import tokenizers
-from deepseek_jax.infer import checkpoints, generation
+from deepseek_jax.infer import generation
 from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.train.validation import validate_run_config
+from deepseek_jax.train.weights import load_weights
 
 REPLACEMENT = "\ufffd"  # What an incomplete UTF-8 sequence decodes to, for now.
 
@@ -77,12 +79,10 @@ def load(config: ml_collections.ConfigDict | None, *, workdir: str | None = None
     if workdir is not None:
         if config is None:
             raise ValueError("--workdir needs --config: the run configuration the checkpoint was trained with.")
-        cfg, variables, step = checkpoints.load_trained(config, workdir, step=step, use_ema=use_ema)
-        where = f"{workdir} step {step} ({'EMA' if use_ema else 'params'})"
-        return cfg, variables, tokenizers.make_tokenizer(config.data), where
-    from deepseek_jax import convert  # Local: the converter's readers are only needed here.
-
-    cfg, variables = convert.load_checkpoint(hf_path)
+        weights = load_weights(workdir, validate_run_config(config), optimizer_cfg=config.train, step=step,
+                               use_ema=use_ema, field="--workdir")
+        return weights.cfg, weights.variables, tokenizers.make_tokenizer(config.data), weights.source
+    weights = load_weights(hf_path, None, field="--hf_path")
     tokenizer_json = os.path.join(hf_path, "tokenizer.json")
     if os.path.isfile(tokenizer_json):
         tokenizer = tokenizers.HFTokenizer(tokenizer_json)
@@ -90,7 +90,7 @@ def load(config: ml_collections.ConfigDict | None, *, workdir: str | None = None
         tokenizer = tokenizers.make_tokenizer(config.data)
     else:
         raise ValueError(f"{hf_path} has no tokenizer.json: give --config whose data.tokenizer to use.")
-    return cfg, variables, tokenizer, hf_path
+    return weights.cfg, weights.variables, tokenizer, weights.source
 
 
 def run(config: ml_collections.ConfigDict | None, *, prompt: str, workdir: str | None = None,

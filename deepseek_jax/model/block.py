@@ -1,6 +1,6 @@
 """One decoder layer: pre-norm MLA then a pre-norm dense MLP or DeepSeekMoE, each with a residual.
 
-Legend: B batch, T time, D model, E routed experts.
+Legend: B batch, T time, D model, S cache slots, C kv latent, R rope head dim.
 """
 
 from __future__ import annotations
@@ -8,35 +8,41 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from deepseek_jax.model.cache import LayerCache
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.model.layers import MLP, Matmul, RMSNorm
+from deepseek_jax.model.experts import Dispatch
+from deepseek_jax.model.layers import MLP, RMSNorm
 from deepseek_jax.model.mla import MLA
 from deepseek_jax.model.moe import MoE
-
-
-def empty_router_stats(cfg: ModelConfig) -> dict[str, jnp.ndarray]:
-    """Stats a dense layer reports, so dense and MoE layers return the same structure."""
-    return {"expert_counts": jnp.zeros((cfg.n_routed_experts,), jnp.float32),
-            "balance_loss": jnp.zeros((), jnp.float32)}
+from deepseek_jax.ops.recipe import Recipe
 
 
 class Block(nn.Module):
-    """x [B, T, D] -> (x [B, T, D], router stats {'expert_counts' [E], 'balance_loss' []})."""
+    """x [B, T, D] -> (x [B, T, D], (router stats, new cache entries)).
+
+    Router stats: a MoE layer's {'expert_counts' [E], 'balance_loss' [], 'dropped' []}, a dense layer's {}.
+    Given one layer's cache [B, S, *] and its lengths [B], attention runs over [cache ; x] and the new
+    entries are LayerCache([B, T, C], [B, T, R]); otherwise None (model/mla.py).
+    """
 
     cfg: ModelConfig
     moe: bool
-    matmul: Matmul | None = None
+    recipe: Recipe | None = None
+    dispatch: Dispatch | None = None
+    cached_attention: str = "absorbed"
 
     @nn.compact
-    def __call__(self, x_BTD: jnp.ndarray, positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray
-                 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    def __call__(self, x_BTD: jnp.ndarray, positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray,
+                 cache: LayerCache | None = None, lengths_B: jnp.ndarray | None = None
+                 ) -> tuple[jnp.ndarray, tuple[dict[str, jnp.ndarray], LayerCache | None]]:
         cfg = self.cfg
         attn_in = RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x_BTD)
-        h = x_BTD + MLA(cfg, matmul=self.matmul, name="self_attn")(attn_in, positions_BT, segment_ids_BT)
+        attn, entries = MLA(cfg, recipe=self.recipe, cached_attention=self.cached_attention, name="self_attn")(
+            attn_in, positions_BT, segment_ids_BT, cache, lengths_B)
+        h = x_BTD + attn
         ffn_in = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(h)
         if self.moe:
-            y, stats = MoE(cfg, matmul=self.matmul, name="mlp")(ffn_in, segment_ids_BT != 0)
+            y, stats = MoE(cfg, recipe=self.recipe, dispatch=self.dispatch, name="mlp")(ffn_in, segment_ids_BT != 0)
         else:
-            y = MLP(cfg, cfg.intermediate_size, matmul=self.matmul, name="mlp")(ffn_in)
-            stats = empty_router_stats(cfg)
-        return (h + y).astype(x_BTD.dtype), stats
+            y, stats = MLP(cfg, cfg.intermediate_size, recipe=self.recipe, name="mlp")(ffn_in), {}
+        return (h + y).astype(x_BTD.dtype), (stats, entries)

@@ -14,6 +14,9 @@ from typing import Any
 
 from flax.core import FrozenDict
 
+from deepseek_jax.checks import fail, is_int
+from deepseek_jax.model.remat import POLICIES as REMAT_POLICIES
+
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 MOE_DISPATCHES = ("dense", "ragged", "gather", "ep")
@@ -122,13 +125,13 @@ class ModelConfig:
 
 
 def _fail(field: str, problem: str, fix: str) -> None:
-    raise ValueError(f"config.model.{field}: {problem}. Fix: {fix}.")
+    fail(f"model.{field}", problem, fix)
 
 
 def _check_positive(cfg: ModelConfig, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not is_int(value) or value <= 0:
             _fail(name, f"must be a positive integer, got {value!r}", f"set {name} to an integer >= 1")
 
 
@@ -194,10 +197,10 @@ def _validate_node_limit(cfg: ModelConfig) -> None:
     if not cfg.node_limit and not cfg.node_groups:
         return
     E, K, groups, limit = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.node_groups, cfg.node_limit
-    if not (isinstance(groups, int) and groups >= 2 and E % groups == 0):
+    if not (is_int(groups) and groups >= 2 and E % groups == 0):
         _fail("node_groups", f"{groups!r} must be >= 2 and divide the {E} routed experts",
               "use the number of expert-parallel device groups (parallel.expert), or 0 with node_limit=0")
-    if not (isinstance(limit, int) and 1 <= limit < groups and K % limit == 0 and K // limit <= E // groups):
+    if not (is_int(limit) and 1 <= limit < groups and K % limit == 0 and K // limit <= E // groups):
         _fail("node_limit", f"{limit!r} must be in [1, node_groups={groups}), divide num_experts_per_tok={K}, "
               f"and leave K / node_limit <= {E // groups} experts per group", "use e.g. 4 of 8 groups for K=8")
 
@@ -227,8 +230,6 @@ def validate(cfg: ModelConfig) -> ModelConfig:
         _fail("dtype", f"{cfg.dtype!r} is not a compute dtype", f"use one of {DTYPES}")
     _validate_rope_scaling(cfg)
     _validate_routing(cfg)
-    from deepseek_jax.model import remat  # Local: remat imports jax, keep config import-light.
-
-    if cfg.remat not in remat.POLICIES:
-        _fail("remat", f"{cfg.remat!r} is not a policy", f"use one of {sorted(remat.POLICIES)}")
+    if cfg.remat not in REMAT_POLICIES:
+        _fail("remat", f"{cfg.remat!r} is not a policy", f"use one of {sorted(REMAT_POLICIES)}")
     return cfg

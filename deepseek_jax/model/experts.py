@@ -9,6 +9,9 @@ Every strategy computes y_n = sum_k w_{n,k} * SwiGLU_{e_{n,k}}(x_n) exactly (no 
   `jax.lax.ragged_dot` (a grouped GEMM), scatter back. O(N*K) work.
 - `gather`: each token gathers its K experts' weights and multiplies them directly. O(N*K) work and
   weight reads: the decoding strategy (infer/ uses it when N*K <= E).
+- `ep`: expert parallelism, the experts split over devices and the tokens moved to them. It needs a mesh
+  and collectives, so model/ does not implement it: the caller injects it as a `Dispatch`
+  (parallel/expert_parallel.py's `ExpertParallel`), as it injects the FP8 recipe.
 
 FP8 (a recipe with grouped GEMMs, ops/fp8.py): `ragged` and `ep` run the experts' three GEMMs in FP8
 (ops/fp8_grouped.py); the tokens are quantised once, before they are gathered (or sent), and the
@@ -21,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,18 +33,17 @@ from jax.ad_checkpoint import checkpoint_name
 from deepseek_jax.model import remat
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.layers import compute_dtype
+from deepseek_jax.ops.recipe import Recipe, Route, check_recipe
 
 ExpertWeights = tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]  # gate [E,D,F], up [E,D,F], down [E,F,D]
-Route = Callable[..., jnp.ndarray]  # route(a [n, C], *route_args) -> [M, C]: moves whole rows.
 
 
-class GroupedRecipe(Protocol):
-    """An FP8 recipe's grouped GEMMs (ops/fp8.py: Fp8Recipe, PerTensorFp8Recipe)."""
+class Dispatch(Protocol):
+    """An expert dispatch the caller injects (`moe_dispatch='ep'`): the routed experts' output and the
+    (token, expert) pairs it dropped, of global tokens x [N, D] routed with weights, indices [N, K]."""
 
-    def grouped(self, x: jnp.ndarray, w: jnp.ndarray, group_sizes: jnp.ndarray) -> jnp.ndarray: ...
-
-    def routed_grouped(self, x: jnp.ndarray, ws: tuple[jnp.ndarray, ...], group_sizes: jnp.ndarray,
-                       route: Route, route_args: tuple[jnp.ndarray, ...]) -> tuple[jnp.ndarray, ...]: ...
+    def __call__(self, x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray, w: ExpertWeights,
+                 recipe: Recipe | None) -> tuple[jnp.ndarray, jnp.ndarray]: ...
 
 
 def dense_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray,
@@ -67,7 +70,7 @@ def sort_by_expert(indices_NK: jnp.ndarray, num_experts: int
 
 
 def grouped_swiglu(x_nD: jnp.ndarray, route: Route, route_args: tuple[jnp.ndarray, ...],
-                   sizes_E: jnp.ndarray, w: ExpertWeights, recipe: GroupedRecipe | None) -> jnp.ndarray:
+                   sizes_E: jnp.ndarray, w: ExpertWeights, recipe: Recipe | None) -> jnp.ndarray:
     """SwiGLU of the E experts on the rows route(x, *route_args) [M, D], sorted by expert with sizes_E
     rows each (rows past the groups give zeros). Grouped GEMMs, in FP8 when a recipe is given.
     Returns [M, D]."""
@@ -88,7 +91,7 @@ def take_rows(a_n: jnp.ndarray, rows_M: jnp.ndarray) -> jnp.ndarray:
 
 
 def ragged_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray,
-                    w: ExpertWeights, recipe: GroupedRecipe | None = None) -> jnp.ndarray:
+                    w: ExpertWeights, recipe: Recipe | None = None) -> jnp.ndarray:
     """Dropless grouped-GEMM dispatch. Returns [N, D] in x's dtype."""
     N, K = indices_NK.shape
     order, token, sizes = sort_by_expert(indices_NK, w[0].shape[0])
@@ -108,25 +111,31 @@ def gather_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.
     return jnp.einsum("NK,NKD->ND", weights_NK.astype(out_NKD.dtype), out_NKD).astype(x_ND.dtype)
 
 
-DISPATCH: dict[str, Callable[..., jnp.ndarray]] = {"dense": dense_dispatch, "ragged": ragged_dispatch,
-                                                   "gather": gather_dispatch}
+LOCAL_DISPATCH: dict[str, Callable[..., jnp.ndarray]] = {"dense": dense_dispatch, "ragged": ragged_dispatch,
+                                                         "gather": gather_dispatch}
 
 
 class RoutedExperts(nn.Module):
     """The E routed SwiGLU experts as stacked kernels; x [N, D] -> (y [N, D], dropped pairs: float32 scalar).
 
-    Only 'ep' with a capacity factor can drop; it needs the mesh in context (parallel/expert_parallel.py).
-    `recipe`: the FP8 recipe (the `matmul` injected into the Linears); 'ragged' and 'ep' then run the
-    expert GEMMs in FP8, 'dense' and 'gather' ignore it (module docstring).
+    Only an injected dispatch can drop (expert parallelism with a capacity factor). `recipe`: the FP8
+    recipe (the one injected into the Linears); 'ragged' and 'ep' then run the expert GEMMs in FP8,
+    'dense' and 'gather' ignore it (module docstring). `dispatch`: the implementation of 'ep'.
+    Initialising never runs the injected dispatch (the variables are the same; init needs no mesh).
     """
 
     cfg: ModelConfig
-    recipe: GroupedRecipe | None = None
+    recipe: Recipe | None = None
+    dispatch: Dispatch | None = None
 
     @nn.compact
-    def __call__(self, x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray
+                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
         cfg = self.cfg
         E, D, F = cfg.n_routed_experts, x_ND.shape[-1], cfg.moe_intermediate_size
+        chex.assert_shape(x_ND, (None, D))
+        chex.assert_equal_shape([weights_NK, indices_NK])
+        check_recipe(self.recipe, "RoutedExperts")
         init = nn.initializers.normal(0.02)
         param = lambda name, shape, axes: self.param(  # noqa: E731
             name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
@@ -135,17 +144,14 @@ class RoutedExperts(nn.Module):
         down = param("down_proj", (E, F, D), ("expert", "expert_mlp", "embed"))
         dtype = compute_dtype(cfg)
         w = (gate.astype(dtype), up.astype(dtype), down.astype(dtype))
-        recipe = self.recipe
-        if recipe is not None and not hasattr(recipe, "routed_grouped"):
-            raise ValueError(f"RoutedExperts got recipe={recipe!r}, which has no grouped GEMMs "
-                             "(`grouped`, `routed_grouped`): pass an ops.fp8 recipe, or None")
-        if cfg.moe_dispatch == "ep":
-            from deepseek_jax.parallel import expert_parallel  # Local: model/ needs parallel/ for EP only.
-
-            return expert_parallel.ep_dispatch(jnp.asarray(x_ND, dtype), weights_NK, indices_NK, w,
-                                               capacity_factor=cfg.moe_capacity_factor, recipe=recipe)
-        if cfg.moe_dispatch == "ragged":
-            y = ragged_dispatch(jnp.asarray(x_ND, dtype), weights_NK, indices_NK, w, recipe)
-        else:
-            y = DISPATCH[cfg.moe_dispatch](jnp.asarray(x_ND, dtype), weights_NK, indices_NK, w)
-        return y, jnp.zeros((), jnp.float32)
+        x = jnp.asarray(x_ND, dtype)
+        dropped = jnp.zeros((), jnp.float32)
+        if cfg.moe_dispatch == "ep" and not self.is_initializing():
+            if self.dispatch is None:
+                raise ValueError("moe_dispatch='ep' runs the expert-parallel dispatch its caller injects "
+                                 "(parallel.expert_parallel.ExpertParallel, which train/ passes for you); none was "
+                                 "given: pass dispatch=..., or use a local moe_dispatch ('ragged', 'dense', 'gather')")
+            return self.dispatch(x, weights_NK, indices_NK, w, self.recipe)
+        if cfg.moe_dispatch in ("ragged", "ep"):  # 'ep' here only while initialising.
+            return ragged_dispatch(x, weights_NK, indices_NK, w, self.recipe), dropped
+        return LOCAL_DISPATCH[cfg.moe_dispatch](x, weights_NK, indices_NK, w), dropped

@@ -11,21 +11,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.model.cache import KVCache
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.model.layers import Matmul
+from deepseek_jax.model.experts import Dispatch
 from deepseek_jax.model.transformer import DeepSeekV3, ModelOutput
+from deepseek_jax.ops.recipe import Recipe
 
 Variables = dict
 
 
-def _dummy_tokens(batch: int = 1, length: int = 2) -> jnp.ndarray:
-    return jnp.zeros((batch, length), jnp.int32)
-
-
 def _boxed_init(cfg: ModelConfig, key: jax.Array) -> Variables:
-    if cfg.moe_dispatch == "ep":  # Same variables; initialising needs no mesh (nor a batch to shard).
-        cfg = cfg.replace(moe_dispatch="ragged", moe_capacity_factor=0.0)
-    variables = DeepSeekV3(cfg).init(key, _dummy_tokens())
+    variables = DeepSeekV3(cfg).init(key, jnp.zeros((1, 2), jnp.int32))
     return {"params": variables["params"], "routing": variables.get("routing", {})}
 
 
@@ -46,9 +42,13 @@ def logical_axes(cfg: ModelConfig) -> Variables:
 
 def apply(cfg: ModelConfig, variables: Variables, tokens_BT: jnp.ndarray,
           positions_BT: jnp.ndarray | None = None, segment_ids_BT: jnp.ndarray | None = None,
-          matmul: Matmul | None = None, run_mtp: bool = True) -> ModelOutput:
-    """Full output: main logits, MTP logits and router statistics (see transformer.ModelOutput)."""
-    return DeepSeekV3(cfg, matmul=matmul).apply(variables, tokens_BT, positions_BT, segment_ids_BT, run_mtp)
+          recipe: Recipe | None = None, run_mtp: bool = True, *, dispatch: Dispatch | None = None,
+          cache: KVCache | None = None, cached_attention: str = "absorbed") -> ModelOutput:
+    """Full output: main logits, MTP logits, router statistics, final hidden state and the decode cache
+    (see transformer.ModelOutput). `recipe`: the FP8 recipe; `dispatch`: the implementation of
+    moe_dispatch='ep' (parallel/expert_parallel.py); `cache`: run the new tokens over a decode cache."""
+    model = DeepSeekV3(cfg, recipe=recipe, dispatch=dispatch, cached_attention=cached_attention)
+    return model.apply(variables, tokens_BT, positions_BT, segment_ids_BT, run_mtp, cache)
 
 
 def forward(model_config: ModelConfig, params: Variables, tokens: jnp.ndarray) -> jnp.ndarray:

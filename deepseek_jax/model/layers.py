@@ -3,13 +3,11 @@
 Legend: D input features, F output features (or FFN width).
 
 Params are float32 and carry logical axis names (mapped to mesh axes by `parallel/mesh.py`); compute
-runs in `ModelConfig.dtype`. `Linear` is the one place a matmul with a weight happens, so the FP8
-recipe (ops/fp8.py) is injected there and nowhere else.
+runs in `ModelConfig.dtype`. `Linear` is the one place a dense matmul with a weight happens, so the FP8
+recipe (ops/recipe.py) is injected there (and into the routed experts' grouped GEMMs, model/experts.py).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -18,9 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.model import remat
 from deepseek_jax.model.config import ModelConfig
-
-# A matmul x [..., D] @ w [D, F] -> [..., F]; the FP8 recipe provides one with the same signature.
-Matmul = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+from deepseek_jax.ops.recipe import Recipe
 
 
 def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
@@ -58,7 +54,7 @@ class Linear(nn.Module):
     axes: tuple[str | None, str | None]
     dtype: jnp.dtype = jnp.float32
     high_precision: bool = False
-    matmul: Matmul | None = None  # Injected FP8 recipe; None = plain matmul.
+    recipe: Recipe | None = None  # Injected FP8 recipe; None = plain matmul.
     kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
     checkpoint_as: str = remat.LINEAR  # Name of the output for the recomputation policy.
 
@@ -67,8 +63,8 @@ class Linear(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                             (x.shape[-1], self.features), jnp.float32)
         x = x.astype(self.dtype)
-        if self.matmul is not None and not self.high_precision:
-            y = self.matmul(x, kernel.astype(self.dtype)).astype(self.dtype)
+        if self.recipe is not None and not self.high_precision:
+            y = self.recipe.matmul(x, kernel.astype(self.dtype)).astype(self.dtype)
         else:
             y = default_matmul(x, kernel)
         return checkpoint_name(y, self.checkpoint_as)
@@ -79,13 +75,13 @@ class MLP(nn.Module):
 
     cfg: ModelConfig
     intermediate_size: int
-    matmul: Matmul | None = None
+    recipe: Recipe | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         dtype = compute_dtype(self.cfg)
         hidden, width = x.shape[-1], self.intermediate_size
-        gate = Linear(width, ("embed", "mlp"), dtype, matmul=self.matmul, name="gate_proj")(x)
-        up = Linear(width, ("embed", "mlp"), dtype, matmul=self.matmul, name="up_proj")(x)
-        return Linear(hidden, ("mlp", "embed"), dtype, matmul=self.matmul, name="down_proj")(
+        gate = Linear(width, ("embed", "mlp"), dtype, recipe=self.recipe, name="gate_proj")(x)
+        up = Linear(width, ("embed", "mlp"), dtype, recipe=self.recipe, name="up_proj")(x)
+        return Linear(hidden, ("mlp", "embed"), dtype, recipe=self.recipe, name="down_proj")(
             nn.silu(gate) * up)

@@ -9,24 +9,31 @@ R rope head dim (qk_rope_head_dim), V value head dim, C kv latent (kv_lora_rank)
     k_nope, v = RMSNorm(c_KV) W_UKV              [B,T,H,K], [B,T,H,V]
     o    = softmax((q_nope.k_nope + q_rope.k_rope) * scale + mask) v  W_O
 
-A KV cache needs only RMSNorm(c_KV) and the rotated k_rope per token (infer/ builds on `latent_kv`).
-Parameter names are those of the Hugging Face checkpoints, kernels stored [in, out].
+A KV cache needs only RMSNorm(c_KV) and the rotated k_rope per token (model/cache.py). Given one, the
+new tokens attend over [cache ; themselves], `absorbed` (scores against the latent directly, DeepSeek's
+inference form) or `naive` (the latent up-projected to per-head keys and values), and their own entries
+come back for the caller to write. Parameter names are those of the Hugging Face checkpoints, kernels
+stored [in, out].
 """
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.model import remat, rope
+from deepseek_jax.model.cache import LayerCache, past_mask
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.model.layers import Linear, Matmul, RMSNorm, compute_dtype
+from deepseek_jax.model.layers import Linear, RMSNorm, compute_dtype
+from deepseek_jax.ops.recipe import Recipe
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 # The latent norms use a fixed epsilon whatever `rms_norm_eps` says, as DeepSeek's inference code and
 # transformers do (only the layer norms read the config).
 LATENT_NORM_EPS = 1e-6
+CACHED_ATTENTION = ("absorbed", "naive")  # How new tokens attend over a cache.
 
 
 def attention_mask(segment_ids_BT: jnp.ndarray, segment_ids_BS: jnp.ndarray | None = None,
@@ -48,27 +55,29 @@ def attention_mask(segment_ids_BT: jnp.ndarray, segment_ids_BS: jnp.ndarray | No
 
 
 class MLA(nn.Module):
-    """x [B, T, D] -> [B, T, D]."""
+    """x [B, T, D] -> (y [B, T, D], the new tokens' cache entries LayerCache([B, T, C], [B, T, R]) when
+    given a cache, else None)."""
 
     cfg: ModelConfig
-    matmul: Matmul | None = None
+    recipe: Recipe | None = None  # The FP8 recipe of every projection (ops/recipe.py), or None.
+    cached_attention: str = "absorbed"  # One of CACHED_ATTENTION; only used over a cache.
 
     def setup(self) -> None:
-        cfg, dtype, mm = self.cfg, compute_dtype(self.cfg), self.matmul
+        cfg, dtype, mm = self.cfg, compute_dtype(self.cfg), self.recipe
         H = cfg.num_attention_heads
         if cfg.q_lora_rank is None:
-            self.q_proj = Linear(H * cfg.qk_head_dim, ("embed", "heads"), dtype, matmul=mm)
+            self.q_proj = Linear(H * cfg.qk_head_dim, ("embed", "heads"), dtype, recipe=mm)
         else:
-            self.q_a_proj = Linear(cfg.q_lora_rank, ("embed", "q_lora"), dtype, matmul=mm)
+            self.q_a_proj = Linear(cfg.q_lora_rank, ("embed", "q_lora"), dtype, recipe=mm)
             self.q_a_layernorm = RMSNorm(LATENT_NORM_EPS, "q_lora")
-            self.q_b_proj = Linear(H * cfg.qk_head_dim, ("q_lora", "heads"), dtype, matmul=mm,
+            self.q_b_proj = Linear(H * cfg.qk_head_dim, ("q_lora", "heads"), dtype, recipe=mm,
                                    checkpoint_as=remat.MLA_UP_PROJ)
         self.kv_a_proj_with_mqa = Linear(cfg.kv_lora_rank + cfg.qk_rope_head_dim, ("embed", "kv_lora"),
-                                         dtype, matmul=mm)
+                                         dtype, recipe=mm)
         self.kv_a_layernorm = RMSNorm(LATENT_NORM_EPS, "kv_lora")
         self.kv_b_proj = Linear(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads"), dtype,
-                                matmul=mm, checkpoint_as=remat.MLA_UP_PROJ)
-        self.o_proj = Linear(cfg.hidden_size, ("heads", "embed"), dtype, matmul=mm)
+                                recipe=mm, checkpoint_as=remat.MLA_UP_PROJ)
+        self.o_proj = Linear(cfg.hidden_size, ("heads", "embed"), dtype, recipe=mm)
 
     def queries(self, x_BTD: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray
                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -133,10 +142,20 @@ class MLA(nn.Module):
         out_BTHV = jnp.einsum("BTHC,CHV->BTHV", out_BTHC, w_uv_CHV)
         return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
 
-    def __call__(self, x_BTD: jnp.ndarray, positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray
-                 ) -> jnp.ndarray:
+    def __call__(self, x_BTD: jnp.ndarray, positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray,
+                 cache: LayerCache | None = None, lengths_B: jnp.ndarray | None = None
+                 ) -> tuple[jnp.ndarray, LayerCache | None]:
+        """Self-attention within each document (segment ids), or, given one layer's cache [B, S, *] and
+        its valid lengths [B], the new tokens over [cache ; themselves] (positions = their slots)."""
         cfg = self.cfg
         cos, sin = rope.cos_sin(positions_BT, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
         q_nope, q_rope = self.queries(x_BTD, cos, sin)
         c_kv, k_rope = self.latent_kv(x_BTD, cos, sin)
-        return self.attend(q_nope, q_rope, c_kv, k_rope, attention_mask(segment_ids_BT))
+        if cache is None:
+            return self.attend(q_nope, q_rope, c_kv, k_rope, attention_mask(segment_ids_BT)), None
+        chex.assert_rank([cache.c_kv, cache.k_rope, lengths_B], [3, 3, 1])
+        keys_c = jnp.concatenate([cache.c_kv.astype(c_kv.dtype), c_kv], axis=1)
+        keys_r = jnp.concatenate([cache.k_rope.astype(k_rope.dtype), k_rope], axis=1)
+        mask = past_mask(lengths_B, cache.c_kv.shape[1], x_BTD.shape[1])
+        attend = self.attend_absorbed if self.cached_attention == "absorbed" else self.attend
+        return attend(q_nope, q_rope, keys_c, keys_r, mask), LayerCache(c_kv, k_rope)

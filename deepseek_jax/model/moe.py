@@ -17,13 +17,15 @@ trainer from expert loads (train/balance.py), not a trained parameter.
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from deepseek_jax.model import experts as experts_lib
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.model.layers import MLP, Matmul
+from deepseek_jax.model.layers import MLP
+from deepseek_jax.ops.recipe import Recipe
 
 ROUTING = "routing"  # Variable collection of the balancing biases.
 
@@ -118,19 +120,21 @@ class MoE(nn.Module):
     """
 
     cfg: ModelConfig
-    matmul: Matmul | None = None
+    recipe: Recipe | None = None
+    dispatch: experts_lib.Dispatch | None = None  # The injected 'ep' dispatch (model/experts.py).
 
     @nn.compact
     def __call__(self, x_BTD: jnp.ndarray, valid_BT: jnp.ndarray) -> tuple[jnp.ndarray, dict]:
         cfg = self.cfg
         B, T, D = x_BTD.shape
+        chex.assert_shape(valid_BT, (B, T))
         x_ND = x_BTD.reshape(B * T, D)
         weights, indices, scores = Gate(cfg, name="gate")(x_ND)
-        routed, dropped = experts_lib.RoutedExperts(cfg, recipe=self.matmul, name="experts")(
-            x_ND, weights, indices)
+        routed, dropped = experts_lib.RoutedExperts(cfg, recipe=self.recipe, dispatch=self.dispatch,
+                                                    name="experts")(x_ND, weights, indices)
         y = routed.reshape(B, T, D)
         if cfg.n_shared_experts:
-            shared = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts, matmul=self.matmul,
+            shared = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts, recipe=self.recipe,
                          name="shared_experts")
             y = y + shared(x_BTD)
         valid = valid_BT.reshape(B * T).astype(jnp.float32)

@@ -8,6 +8,7 @@ import jax
 
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.functional import abstract_variables
+from deepseek_jax.model.names import EMBED, mtp_depth
 
 
 def _path_names(path) -> list[str]:
@@ -32,12 +33,12 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = _path_names(path)
         size = math.prod(leaf.shape)
-        if names[0].startswith("mtp_"):
+        if mtp_depth(names[0]) is not None:
             counts["mtp"] += size
             continue
         counts["total"] += size
         counts["activated"] += size * expert_fraction if "experts" in names else size
-        if names[0] == "embed_tokens":
+        if names[0] == EMBED:
             counts["embedding"] += size
     counts["activated"] = int(round(counts["activated"]))
     return counts

@@ -44,7 +44,6 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.ops.fp8_grouped import (
-    Route,
     fp8_ragged_dot,
     fp8_routed_ragged_dots,
     per_tensor_fp8_ragged_dot,
@@ -62,6 +61,7 @@ from deepseek_jax.ops.fp8_quant import (
     quantize_tiles,
     scale_inv_from_amax,
 )
+from deepseek_jax.ops.recipe import Route
 
 __all__ = [
     "E4M3",
@@ -250,7 +250,8 @@ def _as_fp8_dtype(dtype: DType, field: str) -> jnp.dtype:
 
 @dataclasses.dataclass(frozen=True)
 class Fp8Recipe:
-    """DeepSeek-V3 fine-grained FP8: `recipe(x, w)` replaces `x @ w` in a `Linear`.
+    """DeepSeek-V3 fine-grained FP8 (an ops.recipe.Recipe): `matmul(x, w)` replaces `x @ w` in a `Linear`,
+    `grouped` / `routed_grouped` the routed experts' grouped GEMMs.
 
     Attributes:
       tile: activation tile length and weight block edge (1 x tile, tile x tile).
@@ -274,9 +275,6 @@ class Fp8Recipe:
         """x [..., K] @ w [K, M] -> [..., M] in x's dtype, FP8 in forward and backward."""
         return fp8_matmul(x, w, self.tile, self.fp8_dtype, self.grad_fp8_dtype)
 
-    def __call__(self, x: Array, w: Array) -> Array:
-        return self.matmul(x, w)
-
     def grouped(self, x: Array, w: Array, group_sizes: Array) -> Array:
         """`lax.ragged_dot(x [M, K], w [G, K, N], group_sizes [G])` -> [M, N] in FP8 (fp8_grouped)."""
         return fp8_ragged_dot(x, w, group_sizes, self.tile, self.fp8_dtype, self.grad_fp8_dtype)
@@ -291,7 +289,7 @@ class Fp8Recipe:
 
 @dataclasses.dataclass(frozen=True)
 class PerTensorFp8Recipe:
-    """Baseline: one current (online) scale per tensor for x, w and dy; same interface."""
+    """Baseline: one current (online) scale per tensor for x, w and dy (an ops.recipe.Recipe too)."""
 
     fp8_dtype: DType = E4M3
     grad_fp8_dtype: DType = E4M3
@@ -305,9 +303,6 @@ class PerTensorFp8Recipe:
     def matmul(self, x: Array, w: Array) -> Array:
         """x [..., K] @ w [K, M] -> [..., M] in x's dtype, per-tensor FP8."""
         return per_tensor_fp8_matmul(x, w, self.fp8_dtype, self.grad_fp8_dtype)
-
-    def __call__(self, x: Array, w: Array) -> Array:
-        return self.matmul(x, w)
 
     def grouped(self, x: Array, w: Array, group_sizes: Array) -> Array:
         """`lax.ragged_dot(x [M, K], w [G, K, N], group_sizes [G])` -> [M, N], per-tensor FP8 (one scale

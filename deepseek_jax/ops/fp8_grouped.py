@@ -44,7 +44,7 @@ and one for dy; its Wgrad is one `ragged_dot_general` contracting the ragged tok
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -60,11 +60,10 @@ from deepseek_jax.ops.fp8_quant import (
     quantize_per_tensor,
     quantize_tiles,
 )
+from deepseek_jax.ops.recipe import Route
 
 Array = jax.Array
 DType = Any
-# route(a [n, C], *route_args) -> [M, C]: moves whole rows (each output row is one input row or zeros).
-Route = Callable[..., Array]
 
 # ragged_dot_general layouts. Fprop/Dgrad: lhs [S, M, t] (ragged M), rhs [G, S, t, N] -> [S, M, N].
 _SLICED = jax.lax.RaggedDotDimensionNumbers(

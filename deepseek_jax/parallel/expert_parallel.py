@@ -29,21 +29,24 @@ tokens, so nothing is ever dropped and the result equals `dense_dispatch`. The b
 rows per destination because XLA:CPU has no `ragged_all_to_all`; on GPU/TPU that collective would send
 only the occupied rows. That variant was not written or measured here.
 
-`dispatch_bytes` and `payload_rows` count what these all-to-alls move, against an all-gather baseline,
-for the benchmark.
+`ExpertParallel` is this dispatch as the model receives it (model/experts.py's `Dispatch`, injected
+for moe_dispatch='ep' by parallel/dispatch.py). experiments/ep_traffic.py counts what its all-to-alls
+move, against an all-gather baseline.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.model.experts import ExpertWeights, GroupedRecipe, grouped_swiglu
+from deepseek_jax.model.experts import ExpertWeights, grouped_swiglu
+from deepseek_jax.ops.recipe import Recipe
+from deepseek_jax.parallel.mesh import BATCH_AXES
 
 
 def capacity(n: int, K: int, E_l: int, ep: int, capacity_factor: float) -> int:
@@ -83,7 +86,7 @@ def _dispatch_rows(a_nC, slot_M, order_R, *, K: int, R: int, axis: str):
 
 
 def _device_dispatch(x_nD, weights_nK, indices_nK, gate, up, down, *, ep: int, C: int, axis: str,
-                     token_axes: tuple[str, ...], recipe: GroupedRecipe | None):
+                     token_axes: tuple[str, ...], recipe: Recipe | None):
     """The shard_map body: one device's tokens through the experts of all ep devices.
 
     The received rows are sorted by local expert: empty slots (id E_l) sort last, past every group;
@@ -107,7 +110,7 @@ def _device_dispatch(x_nD, weights_nK, indices_nK, gate, up, down, *, ep: int, C
 
 def ep_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray, w: ExpertWeights, *,
                 capacity_factor: float = 0.0, axis: str = "expert",
-                batch_axes: tuple[str, ...] = ("data", "expert"), recipe: GroupedRecipe | None = None
+                batch_axes: tuple[str, ...] = BATCH_AXES, recipe: Recipe | None = None
                 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Expert-parallel dispatch under the context mesh (`jax.set_mesh`).
 
@@ -152,39 +155,16 @@ def ep_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndar
     return body(x_ND, weights_NK, indices_NK, gate, up, down)
 
 
-def dispatch_bytes(n_tokens_per_device: int, K: int, D: int, ep: int, capacity: int, itemsize: int,
-                   fp8_tile: int = 0) -> dict[str, int]:
-    """Bytes one device sends to other devices per MoE layer (forward), padding included.
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+    """`ep_dispatch` as the model's injected `Dispatch` (model/experts.py): hashable, so it can be a module
+    attribute. capacity_factor 0 = dropless."""
 
-    ep_dispatch / ep_combine: the (ep-1) off-device blocks of C rows x D of the two all-to-alls (the
-    block addressed to itself stays local); ep_ids: the int32 expert ids sent with the dispatch.
-    ep_uniform_payload: the rows that would carry tokens under perfectly uniform routing, both ways
-    (n*K*(ep-1)/ep each); the real payload is data-dependent, see `payload_rows`.
-    allgather / reduce_scatter: the baseline in which every device gathers the other devices' n tokens,
-    runs its experts on all of them, and reduce-scatters the partial outputs back.
-    fp8_tile > 0: the FP8 dispatch, 1 byte per value plus a float32 scale per 1 x fp8_tile tile of a row;
-    the combine stays at `itemsize`.
-    """
-    n, C = n_tokens_per_device, capacity
-    row_out = D * itemsize
-    row_in = D + 4 * -(-D // fp8_tile) if fp8_tile else row_out
-    out = {"ep_dispatch": (ep - 1) * C * row_in, "ep_combine": (ep - 1) * C * row_out,
-           "ep_ids": (ep - 1) * C * 4,
-           "ep_uniform_payload": n * K * (ep - 1) * (row_in + row_out) // ep,
-           "allgather": (ep - 1) * n * D * itemsize, "reduce_scatter": (ep - 1) * n * D * itemsize}
-    out["ep_total"] = out["ep_dispatch"] + out["ep_combine"] + out["ep_ids"]
-    out["allgather_total"] = out["allgather"] + out["reduce_scatter"]
-    return out
+    capacity_factor: float = 0.0
+    axis: str = "expert"
+    batch_axes: tuple[str, ...] = BATCH_AXES
 
-
-def payload_rows(indices_NK, E: int, ep: int, batch_shards: int) -> np.ndarray:
-    """Routed pairs per (source batch shard, destination expert device), before any capacity: [S, ep]
-    int64 with S = batch_shards. Shard s holds tokens [s*n, (s+1)*n) and, with batch axes ('data',
-    'expert'), sits at expert coordinate s % ep: column s % ep stays on the device, the other columns
-    (each capped at C when a capacity is set) are the rows that carry tokens over the links."""
-    idx = np.asarray(indices_NK)
-    N, K = idx.shape
-    if N % batch_shards or E % ep:
-        raise ValueError(f"N={N} must divide into {batch_shards} batch shards and E={E} into ep={ep}")
-    dest = (idx // (E // ep)).reshape(batch_shards, -1)
-    return np.stack([np.bincount(d, minlength=ep) for d in dest]).astype(np.int64)
+    def __call__(self, x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray, w: ExpertWeights,
+                 recipe: Recipe | None) -> tuple[jnp.ndarray, jnp.ndarray]:
+        return ep_dispatch(x_ND, weights_NK, indices_NK, w, capacity_factor=self.capacity_factor, axis=self.axis,
+                           batch_axes=self.batch_axes, recipe=recipe)

@@ -11,6 +11,13 @@ Mesh axes ('stage', 'data', 'expert', 'tensor'), any of size 1:
 Axis types are Auto, deliberately: outside the explicit shard_maps (expert dispatch, pipeline) we let
 XLA's partitioner propagate shardings from the params and the batch. Explicit axes would make every
 op need a sharding rule, and some we rely on have none (`lax.ragged_dot`, top-k under `nn.scan`).
+
+Sharding is declared once: every parameter carries logical axis names (model/), and `logical_rules`
+maps them to mesh axes for a run, from its `config.parallel`: the house rules below, the MoE stack's
+layer axis ('stage') over the pipeline ranks when there is a pipeline, and `parallel.rules` overrides
+(e.g. "vocab=,heads=tensor"). Everything else derives from the resulting parameter shardings: Adam's
+moments add 'data' (ZeRO-1, `opt_state_shardings`), the pipeline splits the MoE stack where the rules
+put it, and the batch is split over BATCH_AXES.
 """
 
 from __future__ import annotations
@@ -28,17 +35,49 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXES = ("stage", "data", "expert", "tensor")
 BATCH_AXES = ("data", "expert")
+Rules = tuple[tuple[str, Any], ...]
 
-# Logical axis name (model/ parameter annotations) -> mesh axis. Unlisted names are replicated.
-RULES: tuple[tuple[str, Any], ...] = (
+# Logical axis name (model/ parameter annotations) -> mesh axis, without a pipeline. Unlisted names are
+# replicated. 'stage' is the MoE stack's layer axis (model/names.py), split over the ranks of a pipeline.
+HOUSE_RULES: Rules = (
     ("batch", BATCH_AXES),
     ("expert", "expert"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
-    ("layers", None), ("embed", None), ("q_lora", None), ("kv_lora", None), ("router", None),
+    ("stage", None), ("layers", None), ("embed", None), ("q_lora", None), ("kv_lora", None), ("router", None),
     ("expert_mlp", None), ("mtp_concat", None),
 )
+# The rules the dispatch and the pipeline are built around: `parallel.rules` cannot move them.
+STRUCTURAL = ("batch", "expert", "stage")
+
+
+def logical_rules(stage: int = 1, overrides: str = "") -> Rules:
+    """The rules of a run with `stage` pipeline ranks (the MoE stack's layers over 'stage' when > 1),
+    updated by `overrides`: "name=axis,name=axis+axis,name=" (an empty axis replicates)."""
+    rules = dict(HOUSE_RULES)
+    if stage > 1:
+        rules["stage"] = "stage"
+    for item in filter(None, (part.strip() for part in overrides.split(","))):
+        name, sep, axes = item.partition("=")
+        name = name.strip()
+        mesh_axes = tuple(a.strip() for a in axes.split("+") if a.strip())
+        problem = (
+            "is not name=axis" if not sep else
+            f"names no logical axis (known: {sorted(rules)})" if name not in rules else
+            f"moves {name!r}, which the expert dispatch and the pipeline rely on" if name in STRUCTURAL else
+            f"names a mesh axis outside {AXES}" if any(a not in AXES for a in mesh_axes) else
+            "names a mesh axis twice" if len(set(mesh_axes)) < len(mesh_axes) else "")
+        if problem:
+            raise ValueError(f"config.parallel.rules: {item!r} {problem}. Fix: write name=axis pairs, e.g. "
+                             "'vocab=,heads=tensor', for the parameters' logical names.")
+        rules[name] = mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None)
+    return tuple(rules.items())
+
+
+def run_rules(parallel: ml_collections.ConfigDict) -> Rules:
+    """The logical rules of the run `config.parallel` describes."""
+    return logical_rules(int(parallel.get("stage", 1)), parallel.get("rules", ""))
 
 
 def mesh_shape(parallel: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -62,14 +101,11 @@ def make_mesh(parallel: ml_collections.ConfigDict, devices: Sequence[jax.Device]
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
 
 
-def batch_size_multiple(mesh: Mesh) -> int:
-    """The number of batch shards: every global batch size must be a multiple of it."""
-    return math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
-def param_shardings(logical_specs: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a pytree of logical PartitionSpecs (as from `model.logical_axes`)."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, RULES)
+def param_shardings(logical_specs: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+    """NamedShardings for a pytree of logical PartitionSpecs (as from `model.logical_axes`), by `rules`
+    (default: those of a run on `mesh` without overrides)."""
+    rules = logical_rules(mesh.shape["stage"]) if rules is None else rules
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
 def zero1_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:

@@ -15,6 +15,7 @@ import math
 import ml_collections
 
 from deepseek_jax import defaults
+from deepseek_jax.checks import is_int, need
 from deepseek_jax.rl.objective import LOSS_TYPES, LossSettings
 
 
@@ -100,15 +101,6 @@ def loss_settings(rl: ml_collections.ConfigDict) -> LossSettings:
                         adv_eps=float(rl.adv_eps))
 
 
-def _need(ok: bool, field: str, value, fix: str) -> None:
-    if not ok:
-        raise ValueError(f"config.{field}={value!r} is invalid: {fix}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def validate_rl_config(config: ml_collections.ConfigDict) -> None:
     """Checks `config.rl` (the rest is checked by train.validation.validate_run_config)."""
     if "rl" not in config:
@@ -117,45 +109,45 @@ def validate_rl_config(config: ml_collections.ConfigDict) -> None:
     for name, group, defaults_ in (("rl", rl, rl_config()), ("rl.task", rl.get("task", {}), task_config()),
                                    ("rl.sft", rl.get("sft", {}), sft_config())):
         expected, present = set(defaults_.keys()), set(group.keys())
-        _need(expected == present, name, sorted(expected ^ present),
-              f"unknown or missing keys; the keys are {sorted(expected)}.")
+        need(expected == present, name, sorted(expected ^ present),
+             f"unknown or missing keys; the keys are {sorted(expected)}.")
     for name in ("prompts_per_step", "updates_per_batch", "max_prompt_tokens", "max_new_tokens", "eval_every",
                  "eval_batch_size"):
-        _need(_is_int(rl[name]) and rl[name] >= 1, f"rl.{name}", rl[name], "use an integer >= 1.")
-    _need(_is_int(rl.group_size) and rl.group_size >= 2, "rl.group_size", rl.group_size,
-          "GRPO's baseline is the group mean: sample at least 2 completions per prompt.")
-    _need(isinstance(rl.temperature, (int, float)) and math.isfinite(rl.temperature) and rl.temperature > 0,
-          "rl.temperature", rl.temperature, "rollouts must be sampled: use a temperature > 0 (e.g. 1.0).")
-    _need(rl.loss_type in LOSS_TYPES, "rl.loss_type", rl.loss_type, f"use one of {LOSS_TYPES}.")
+        need(is_int(rl[name]) and rl[name] >= 1, f"rl.{name}", rl[name], "use an integer >= 1.")
+    need(is_int(rl.group_size) and rl.group_size >= 2, "rl.group_size", rl.group_size,
+         "GRPO's baseline is the group mean: sample at least 2 completions per prompt.")
+    need(isinstance(rl.temperature, (int, float)) and math.isfinite(rl.temperature) and rl.temperature > 0,
+         "rl.temperature", rl.temperature, "rollouts must be sampled: use a temperature > 0 (e.g. 1.0).")
+    need(rl.loss_type in LOSS_TYPES, "rl.loss_type", rl.loss_type, f"use one of {LOSS_TYPES}.")
     for name in ("clip_low", "clip_high"):
-        _need(isinstance(rl[name], (int, float)) and rl[name] > 0, f"rl.{name}", rl[name],
-              "use a positive clipping range, e.g. 0.2.")
-    _need(rl.clip_low < 1, "rl.clip_low", rl.clip_low, "use a value below 1 (the ratio's lower bound is 1 - clip_low).")
-    _need(isinstance(rl.kl_beta, (int, float)) and rl.kl_beta >= 0, "rl.kl_beta", rl.kl_beta,
-          "use >= 0 (0 = no KL term and no reference model).")
+        need(isinstance(rl[name], (int, float)) and rl[name] > 0, f"rl.{name}", rl[name],
+             "use a positive clipping range, e.g. 0.2.")
+    need(rl.clip_low < 1, "rl.clip_low", rl.clip_low, "use a value below 1 (the ratio's lower bound is 1 - clip_low).")
+    need(isinstance(rl.kl_beta, (int, float)) and rl.kl_beta >= 0, "rl.kl_beta", rl.kl_beta,
+         "use >= 0 (0 = no KL term and no reference model).")
     for name in ("steps", "batch_size", "eval_every"):
-        _need(_is_int(rl.sft[name]) and rl.sft[name] >= 1, f"rl.sft.{name}", rl.sft[name], "use an integer >= 1.")
-    _need(_is_int(rl.sft.num_examples) and rl.sft.num_examples >= 0, "rl.sft.num_examples", rl.sft.num_examples,
-          "use an integer >= 0 (0 = a fresh stream of examples).")
-    _need(rl.sft.learning_rate > 0, "rl.sft.learning_rate", rl.sft.learning_rate, "use a positive learning rate.")
-    _need(_is_int(rl.sft.warmup_steps) and 0 <= rl.sft.warmup_steps <= rl.sft.steps, "rl.sft.warmup_steps",
-          rl.sft.warmup_steps, "use an integer between 0 and rl.sft.steps.")
-    _need(isinstance(rl.adv_eps, (int, float)) and rl.adv_eps > 0, "rl.adv_eps", rl.adv_eps,
-          "use a small positive number.")
-    _need(rl.task.kind in ("arithmetic", "jsonl"), "rl.task.kind", rl.task.kind, "use 'arithmetic' or 'jsonl'.")
-    _need(_is_int(rl.task.num_eval) and rl.task.num_eval >= 0, "rl.task.num_eval", rl.task.num_eval,
-          "use an integer >= 0.")
-    _need(_is_int(rl.task.num_test) and rl.task.num_test >= 0, "rl.task.num_test", rl.task.num_test,
-          "use an integer >= 0.")
+        need(is_int(rl.sft[name]) and rl.sft[name] >= 1, f"rl.sft.{name}", rl.sft[name], "use an integer >= 1.")
+    need(is_int(rl.sft.num_examples) and rl.sft.num_examples >= 0, "rl.sft.num_examples", rl.sft.num_examples,
+         "use an integer >= 0 (0 = a fresh stream of examples).")
+    need(rl.sft.learning_rate > 0, "rl.sft.learning_rate", rl.sft.learning_rate, "use a positive learning rate.")
+    need(is_int(rl.sft.warmup_steps) and 0 <= rl.sft.warmup_steps <= rl.sft.steps, "rl.sft.warmup_steps",
+         rl.sft.warmup_steps, "use an integer between 0 and rl.sft.steps.")
+    need(isinstance(rl.adv_eps, (int, float)) and rl.adv_eps > 0, "rl.adv_eps", rl.adv_eps,
+         "use a small positive number.")
+    need(rl.task.kind in ("arithmetic", "jsonl"), "rl.task.kind", rl.task.kind, "use 'arithmetic' or 'jsonl'.")
+    need(is_int(rl.task.num_eval) and rl.task.num_eval >= 0, "rl.task.num_eval", rl.task.num_eval,
+         "use an integer >= 0.")
+    need(is_int(rl.task.num_test) and rl.task.num_test >= 0, "rl.task.num_test", rl.task.num_test,
+         "use an integer >= 0.")
     if rl.task.kind == "arithmetic":
-        _need(rl.task.num_eval >= 1, "rl.task.num_eval", rl.task.num_eval, "hold out at least one prompt.")
+        need(rl.task.num_eval >= 1, "rl.task.num_eval", rl.task.num_eval, "hold out at least one prompt.")
     else:
-        _need(rl.task.num_test == 0, "rl.task.num_test", rl.task.num_test,
-              "jsonl tasks have no generated test split: set it to 0 and evaluate a test file of your own.")
+        need(rl.task.num_test == 0, "rl.task.num_test", rl.task.num_test,
+             "jsonl tasks have no generated test split: set it to 0 and evaluate a test file of your own.")
     longest = rl.max_prompt_tokens + rl.max_new_tokens
-    _need(longest <= config.model.max_position_embeddings, "rl.max_new_tokens", rl.max_new_tokens,
-          f"max_prompt_tokens + max_new_tokens = {longest} exceeds model.max_position_embeddings="
-          f"{config.model.max_position_embeddings}.")
+    need(longest <= config.model.max_position_embeddings, "rl.max_new_tokens", rl.max_new_tokens,
+         f"max_prompt_tokens + max_new_tokens = {longest} exceeds model.max_position_embeddings="
+         f"{config.model.max_position_embeddings}.")
     p = config.parallel
-    _need((p.stage, p.data, p.expert, p.tensor) == (1, 1, 1, 1), "parallel", (p.stage, p.data, p.expert, p.tensor),
-          "GRPO runs on one device for now: set parallel.stage/data/expert/tensor to 1.")
+    need((p.stage, p.data, p.expert, p.tensor) == (1, 1, 1, 1), "parallel", (p.stage, p.data, p.expert, p.tensor),
+         "GRPO runs on one device for now: set parallel.stage/data/expert/tensor to 1.")

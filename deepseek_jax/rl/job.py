@@ -1,53 +1,39 @@
-"""What the GRPO and the supervised jobs share: set-up, resume, held-out evaluation and the step loop.
+"""What the GRPO and the supervised jobs share: set-up, resume, held-out evaluation, and their run loop.
 
 A job starts its TrainState from `config.rl.init_from` (policy.py) or resumes it from the latest
-checkpoint in `workdir/checkpoints`, then `run` calls the job's step function once per step, writing
-each step's metrics row (TensorBoard + metrics.csv), greedy held-out accuracy every `eval_every` steps
-(and at step 0 and the end), checkpoints every `checkpoint.every` steps, and on SIGTERM a checkpoint
-and a clean exit. Checkpoints hold the trainer's TrainState, so either job's can start the other, and
-`python -m deepseek_jax.generate` / `infer.checkpoints.load_trained` read them.
+checkpoint in `workdir/checkpoints`, then `run` drives the shared run loop (train/loop.py) with the
+job's step function: a metrics row per step (TensorBoard + metrics.csv), greedy held-out accuracy every
+`eval_every` steps (and at step 0 and the end), checkpoints every `checkpoint.every` steps, NaN
+accounting, and on SIGTERM a checkpoint and a clean exit. Checkpoints hold the trainer's TrainState, so
+either job's can start the other, and `python -m deepseek_jax.generate` (train/weights.py) reads them.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import signal
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import tqdm
 
 from deepseek_jax.data import tokenizers
 from deepseek_jax.rl import evaluation, policy, rollout, tasks
 from deepseek_jax.rl.config import validate_rl_config
 from deepseek_jax.train import checkpoint as checkpoint_lib
 from deepseek_jax.train import step as step_lib
-from deepseek_jax.train.loop import TrainingStopped
-from deepseek_jax.train.metrics import MetricWriter
+from deepseek_jax.train.loop import RunLoop, save_config, write_json
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.validation import validate_run_config
 
 StepFn = Callable[[int, step_lib.TrainState], tuple[step_lib.TrainState, dict[str, float]]]
 
 
-class _Sigterm:
-    """SIGTERM becomes a flag checked between steps (the previous handler is restored on exit)."""
-
-    def __enter__(self):
-        self.raised = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.raised = True
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+def finite_row(updates: Sequence[dict]) -> dict[str, float]:
+    """The NaN accounting of a step that made these optimizer updates (their metrics, on the host): finite
+    only if every update was, and the longest run of skipped updates it reached."""
+    return {"finite": float(all(bool(u["finite"]) for u in updates)),
+            "bad_steps": float(max(int(u["bad_steps"]) for u in updates))}
 
 
 class Job:
@@ -64,18 +50,13 @@ class Job:
         self.task = tasks.make_task(self.rl.task, config.seed)
         rollout.encode_prompts(self.tokenizer, self.task.eval_examples, self.rl.max_prompt_tokens)  # Fail early.
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        save_config(workdir, config)
         self.tx = make_optimizer(optimizer_cfg)
         variables, self.source = policy.load_policy(config, self.cfg)
-        zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: the state is donated)
-        state = step_lib.TrainState(
-            step=zero(), params=variables["params"], opt_state=jax.jit(self.tx.init)(variables["params"]),
-            routing=variables["routing"], bad_steps=zero(), skipped_steps=zero())
         # Committed to one device like every jitted step's output, so the first step compiles the same
         # program as the later ones (uncommitted inputs made XLA compile each step function twice).
         self.device = jax.local_devices()[0]
-        self.state = jax.device_put(state, self.device)
+        self.state = jax.device_put(step_lib.state_from_variables(variables, self.tx), self.device)
         self.initial_variables = jax.device_put(variables, self.device)
         self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                                 async_save=config.checkpoint.async_save)
@@ -86,8 +67,6 @@ class Job:
             print(f"Resumed from {self.ckpt.path(self.start)} (started from {self.source}).")
         else:
             print(f"Starting from {self.source}.")
-        self.writer = MetricWriter(workdir)
-        self.summary: dict = {"start_step": self.start, "policy_source": self.source}
 
     def evaluate(self, state: step_lib.TrainState) -> float:
         """Greedy accuracy on the task's held-out prompts."""
@@ -98,48 +77,24 @@ class Job:
         return float(correct.mean())
 
     def run(self, step_fn: StepFn, *, steps: int, eval_every: int, log_every: int, name: str,
-            postfix: Callable[[dict], dict[str, str]]) -> dict:
+            postfix: Callable[[dict], dict[str, str]], plots: Sequence[Callable[[str], None]] = ()) -> dict:
         """Steps start .. steps-1 of `step_fn`; returns the summary (also written to summary.json)."""
-        if self.start == 0:
-            self.summary["initial_eval_accuracy"] = self.evaluate(self.state)
-            self.writer.write(0, {"eval_accuracy": self.summary["initial_eval_accuracy"]})
-        bar = tqdm.tqdm(initial=self.start, total=steps, desc=name, unit="step", mininterval=1.0, dynamic_ncols=True)
-        started, done = time.perf_counter(), self.start
-        last_eval = self.summary.get("initial_eval_accuracy", float("nan"))
-        with _Sigterm() as sigterm:
-            for step in range(self.start, steps):
-                tick = time.perf_counter()
-                self.state, row = step_fn(step, self.state)
-                done = step + 1
-                row["step_seconds"] = time.perf_counter() - tick
-                if done % eval_every == 0 or done == steps:
-                    last_eval = row["eval_accuracy"] = self.evaluate(self.state)
-                    self.summary["final_eval_accuracy"] = last_eval
-                if done % log_every == 0 or "eval_accuracy" in row:
-                    self.writer.write(done, row)
-                bar.set_postfix({**postfix(row), "eval": f"{last_eval:.3f}"}, refresh=False)
-                bar.update(1)
-                if done % self.config.checkpoint.every == 0 or done == steps or sigterm.raised:
-                    self.ckpt.save(done, self.state, ema=None, data_state={"step": done}, model_config=self.cfg,
-                                   force=sigterm.raised)
-                if sigterm.raised:
-                    bar.write(f"SIGTERM: saved step {done} to {self.ckpt.path(done)}; exiting.")
-                    break
-        bar.close()
+
+        def step(i: int) -> dict[str, float]:
+            self.state, row = step_fn(i, self.state)
+            return row
+
+        def save(done: int, force: bool) -> str:
+            self.ckpt.save(done, self.state, ema=None, data_state={"step": done}, model_config=self.cfg, force=force)
+            return self.ckpt.path(done)
+
+        loop = RunLoop(self.workdir, name=name, steps=steps, eval_every=eval_every, log_every=log_every,
+                       checkpoint_every=self.config.checkpoint.every, max_bad_steps=self.config.train.max_bad_steps,
+                       plots=plots)
+        summary = loop.run(self.start, step=step, evaluate=lambda: {"eval_accuracy": self.evaluate(self.state)},
+                           save=save, postfix=postfix,
+                           describe_eval=lambda r: f"held-out greedy accuracy {r['eval_accuracy']:.3f}")
         self.ckpt.close()
-        self.writer.close()
-        self.summary.update(steps=done, seconds=time.perf_counter() - started, interrupted=bool(sigterm.raised))
-        with open(os.path.join(self.workdir, "summary.json"), "w") as f:
-            json.dump(self.summary, f, indent=2)
-        return self.summary
-
-
-def check_finite(metrics: dict, step: int, max_bad_steps: int) -> None:
-    """Warns about an update the NaN guard skipped; raises TrainingStopped after `max_bad_steps` in a row."""
-    if bool(metrics["finite"]):
-        return
-    logging.warning("step %d: non-finite loss or gradient; update skipped (%d in a row).", step,
-                    int(metrics["bad_steps"]))
-    if int(metrics["bad_steps"]) >= max_bad_steps:
-        raise TrainingStopped(f"{int(metrics['bad_steps'])} consecutive non-finite updates (at step {step}); lower "
-                              "the learning rate or check the rewards. The last checkpoint is intact.")
+        summary = {"start_step": self.start, "policy_source": self.source, **summary}
+        write_json(self.workdir, "summary.json", json.dumps(summary, indent=2))
+        return summary

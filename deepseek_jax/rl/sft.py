@@ -27,7 +27,7 @@ import optax
 
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.rl import rollout, update
-from deepseek_jax.rl.job import Job, check_finite
+from deepseek_jax.rl.job import Job, finite_row
 from deepseek_jax.rl.tasks import Example
 from deepseek_jax.train import step as step_lib
 
@@ -105,8 +105,7 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
         batch = sft_batch(job.tokenizer, examples, rl.max_prompt_tokens, rl.max_new_tokens)
         state, metrics = update_fn(state, {k: jnp.asarray(v) for k, v in batch.items()})
         metrics = jax.device_get(metrics)
-        check_finite(metrics, step, config.train.max_bad_steps)
-        return state, {k: float(metrics[k]) for k in ("loss", "grad_norm")}
+        return state, {**{k: float(metrics[k]) for k in ("loss", "grad_norm")}, **finite_row([metrics])}
 
     return job.run(step_fn, steps=s.steps, eval_every=s.eval_every, log_every=config.train.log_every, name="sft",
                    postfix=lambda row: {"loss": f"{row['loss']:.3f}"})

@@ -7,8 +7,9 @@ reference's (when beta > 0) computed once, then mu optimizer updates on the batc
 Greedy accuracy on the held-out prompts at step 0, every `rl.eval_every` steps and at the end.
 
 Set-up, resume, evaluation, checkpoints and SIGTERM are job.py's (the reference is re-read from
-`rl.init_from` on resume). Non-finite updates are skipped (stopping after `train.max_bad_steps` in a
-row). Leaves in `workdir`: checkpoints/, tensorboard/, metrics.csv, reward.png, config.json, summary.json.
+`rl.init_from` on resume). Non-finite updates are skipped (the run loop stops after
+`train.max_bad_steps` in a row). Leaves in `workdir`: checkpoints/, tensorboard/, metrics.csv,
+reward.png, config.json, summary.json.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 
 from deepseek_jax.rl import objective, rewards, rollout, update
 from deepseek_jax.rl.config import loss_settings, optimizer_config
-from deepseek_jax.rl.job import Job, check_finite
+from deepseek_jax.rl.job import Job, finite_row
 from deepseek_jax.rl.plots import plot_rewards
 
 UPDATE_METRICS = ("loss", "kl", "clip_fraction", "entropy", "ratio", "grad_norm")
@@ -84,10 +85,9 @@ def train_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for _ in range(rl.updates_per_batch):
             state, metrics = update_fn(state, batch)
             updates.append(jax.device_get(metrics))
-            check_finite(updates[-1], step, config.train.max_bad_steps)
         row = rollout_metrics(values, total, weights, correct, r, rl.group_size)
         row.update({k: float(np.mean([u[k] for u in updates])) for k in UPDATE_METRICS if k in updates[0]})
-        return state, row
+        return state, {**row, **finite_row(updates)}
 
     def postfix(row: dict) -> dict[str, str]:
         shown = {"reward": f"{row['reward']:.3f}", "acc": f"{row['accuracy']:.2f}"}
@@ -95,7 +95,6 @@ def train_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict:
             shown["kl"] = f"{row['kl']:.4f}"
         return shown
 
-    summary = job.run(step_fn, steps=config.train.steps, eval_every=rl.eval_every, log_every=config.train.log_every,
-                      name="grpo", postfix=postfix)
-    plot_rewards(job.writer.csv_path, os.path.join(workdir, "reward.png"), title=workdir)
-    return summary
+    return job.run(step_fn, steps=config.train.steps, eval_every=rl.eval_every, log_every=config.train.log_every,
+                   name="grpo", postfix=postfix,
+                   plots=[lambda csv: plot_rewards(csv, os.path.join(workdir, "reward.png"), title=workdir)])

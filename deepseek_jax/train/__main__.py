@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deepseek_jax.parallel import distributed
-from deepseek_jax.train.loop import train_and_evaluate
+from deepseek_jax.train.pretrain import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")

@@ -34,14 +34,14 @@ def max_violation(counts_LE: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(mean > 0, counts_LE.max(axis=-1) / jnp.maximum(mean, 1e-9) - 1.0, 0.0)
 
 
-def moe_stats(routing: dict, router_stats: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
+def moe_stats(router_stats: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(MaxVio of every MoE layer [n], balance loss of every MoE layer [n]), in layer order, MTP last.
 
-    Only layers with a routing entry are MoE layers (dense layers report zeros and are skipped).
+    Every entry of the router stats is a MoE stack or MTP block (model/transformer.py); dense layers
+    report nothing.
     """
-    names = [n for n in router_stats if n in routing] or [n for n in router_stats if n != "dense_layers"]
-    vio = [jnp.atleast_1d(max_violation(_counts_for(router_stats, n))) for n in names]
-    loss = [jnp.atleast_1d(router_stats[n]["balance_loss"]) for n in names]
-    if not names:
+    if not router_stats:
         return jnp.zeros((0,)), jnp.zeros((0,))
+    vio = [jnp.atleast_1d(max_violation(_counts_for(router_stats, n))) for n in router_stats]
+    loss = [jnp.atleast_1d(router_stats[n]["balance_loss"]) for n in router_stats]
     return jnp.concatenate(vio), jnp.concatenate(loss)

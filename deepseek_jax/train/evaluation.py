@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +12,12 @@ import numpy as np
 
 from deepseek_jax.data import pipeline
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.train import checkpoint as checkpoint_lib
 from deepseek_jax.train import step as step_lib
-from deepseek_jax.train.optimizer import make_optimizer
+from deepseek_jax.train.checkpoint import CheckpointError
 from deepseek_jax.train.placement import host_value
-from deepseek_jax.train.precision import matmul_for
+from deepseek_jax.train.precision import recipe_for
 from deepseek_jax.train.validation import validate_run_config
+from deepseek_jax.train.weights import load_weights
 
 
 def model_inputs(batch: dict) -> dict:
@@ -51,18 +50,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *, step
                         use_ema: bool = False) -> dict:
     """Validation metrics of a checkpoint in `workdir/checkpoints` (the latest unless `step`)."""
     cfg = validate_run_config(config)
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise checkpoint_lib.CheckpointError(f"no checkpoint in {ckpt.directory}; train first.")
-    tx = make_optimizer(config.train)
-    state_like = jax.eval_shape(lambda: step_lib.init_state(cfg, tx, jax.random.key(0)))
-    ema_like = state_like.params if use_ema else None
-    restored = ckpt.restore(step, state_like, ema_like=ema_like, model_config=cfg)
-    ckpt.close()
-    state = restored["state"]
-    params = restored["ema"] if use_ema else state.params
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, cfg=cfg, matmul=matmul_for(config)))
-    result = evaluate(cfg, {"params": params, "routing": state.routing}, config.data,
-                      config.train.eval_batches, eval_fn)
-    return {"step": step, "weights": "ema" if use_ema else "params", **result}
+    weights = load_weights(workdir, cfg, optimizer_cfg=config.train, step=step, use_ema=use_ema, field="--workdir")
+    if weights.step is None:
+        raise CheckpointError(f"{workdir} holds no training checkpoint (no {workdir}/checkpoints); train first.")
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, cfg=cfg, recipe=recipe_for(config)))
+    result = evaluate(cfg, weights.variables, config.data, config.train.eval_batches, eval_fn)
+    return {"step": weights.step, "weights": "ema" if use_ema else "params", **result}

@@ -1,6 +1,6 @@
 """Where the train state lives on a mesh, and building it there directly.
 
-Params follow the logical-axis rules of parallel/mesh.py (routed experts over 'expert', heads / MLP
+Params follow the run's logical-axis rules (parallel/mesh.py: routed experts over 'expert', heads / MLP
 widths / vocabulary over 'tensor', replicated over 'data'); with a pipeline, the stacked MoE layers
 [L, ...] are split over 'stage' on L, so each rank stores the layers of its own stages (rank r: stage
 r when there are as many stages as ranks) and the pipeline step fetches the copies its schedule
@@ -23,36 +23,30 @@ from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.train import step as step_lib
 
 
-def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh) -> step_lib.TrainState:
-    """A TrainState whose leaves are the NamedShardings of the real state's leaves."""
-    axes = model.logical_axes(cfg)
-    params = mesh_lib.param_shardings(axes["params"], mesh)
-    if mesh.shape["stage"] > 1:
-        params = _stack_over_stages(params, mesh)
+def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: mesh_lib.Rules | None = None) -> step_lib.TrainState:
+    """A TrainState whose leaves are the NamedShardings of the real state's leaves, params by `rules`
+    (default: those of a run on `mesh`, parallel/mesh.py)."""
+    variables = variable_shardings(cfg, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_params = model.abstract_variables(cfg)["params"]
-    opt_state = mesh_lib.opt_state_shardings(tx, jax.eval_shape(tx.init, abstract_params), params, mesh)
-    return step_lib.TrainState(
-        step=replicated, params=params, opt_state=opt_state,
-        routing=jax.tree.map(lambda _: replicated, model.abstract_variables(cfg)["routing"]),
-        bad_steps=replicated, skipped_steps=replicated)
+    opt_state = mesh_lib.opt_state_shardings(tx, jax.eval_shape(tx.init, abstract_params), variables["params"],
+                                             mesh)
+    return step_lib.TrainState(step=replicated, params=variables["params"], opt_state=opt_state,
+                               routing=variables["routing"], bad_steps=replicated, skipped_steps=replicated)
 
 
-def _stack_over_stages(params_shardings: dict, mesh: Mesh) -> dict:
-    """The MoE stack's leading layer axis over 'stage' (validation guarantees it divides evenly)."""
-    from deepseek_jax.parallel.pipeline.stages import STACK  # Local: the executor is for pipelined runs.
-
-    def over_stages(sharding: NamedSharding) -> NamedSharding:
-        rest = tuple(sharding.spec)[1:]
-        return NamedSharding(mesh, PartitionSpec("stage", *rest))
-
-    return {**params_shardings, STACK: jax.tree.map(over_stages, params_shardings[STACK])}
+def variable_shardings(cfg: ModelConfig, mesh: Mesh, rules: mesh_lib.Rules | None = None) -> dict:
+    """{'params': by the logical rules, 'routing': replicated} NamedShardings of the model's variables."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return {"params": mesh_lib.param_shardings(model.logical_axes(cfg)["params"], mesh, rules),
+            "routing": jax.tree.map(lambda _: replicated, model.abstract_variables(cfg)["routing"])}
 
 
 def init_sharded_state(cfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Array,
-                       mesh: Mesh) -> step_lib.TrainState:
+                       mesh: Mesh, rules: mesh_lib.Rules | None = None) -> step_lib.TrainState:
     """`step.init_state` computed under jit straight into `state_shardings`."""
-    shardings = state_shardings(cfg, tx, mesh)
+    shardings = state_shardings(cfg, tx, mesh, rules)
     with jax.set_mesh(mesh):
         return jax.jit(lambda k: step_lib.init_state(cfg, tx, k), out_shardings=shardings)(key)
 

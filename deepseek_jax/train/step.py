@@ -3,10 +3,10 @@
 Legend: B batch, T time.
 
     loss = CE(main) + lambda(step) * mean_k CE(MTP_k) + alpha * mean over MoE layers of the
-           sequence-wise balance loss
+           sequence-wise balance loss                                        (train/losses.py)
 
 A step whose loss or gradient norm is not finite changes nothing (params, optimizer state, biases),
-is counted in `bad_steps`, and the loop stops after `max_bad_steps` in a row.
+is counted in `bad_steps`, and the run loop stops after `max_bad_steps` in a row.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import optax
 
 from deepseek_jax import model
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.model.layers import Matmul
+from deepseek_jax.ops.recipe import Recipe
+from deepseek_jax.parallel import dispatch
 from deepseek_jax.train import balance, losses
 
 Batch = dict[str, jnp.ndarray]  # tokens, segment_ids, positions: int32 [B, T]
@@ -37,11 +38,15 @@ class TrainState:
     skipped_steps: jnp.ndarray  # int32: non-finite steps in total.
 
 
-def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    variables = model.init(cfg, key)
+def state_from_variables(variables: dict, tx: optax.GradientTransformation) -> TrainState:
+    """Step 0 with these variables {'params', 'routing'} and a fresh optimizer state."""
     zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  (distinct buffers: the state is donated)
     return TrainState(step=zero(), params=variables["params"], opt_state=jax.jit(tx.init)(variables["params"]),
                       routing=variables["routing"], bad_steps=zero(), skipped_steps=zero())
+
+
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    return state_from_variables(model.init(cfg, key), tx)
 
 
 def mtp_weight(train_cfg: ml_collections.ConfigDict, step: jnp.ndarray) -> jnp.ndarray:
@@ -51,36 +56,24 @@ def mtp_weight(train_cfg: ml_collections.ConfigDict, step: jnp.ndarray) -> jnp.n
 
 
 def loss_and_metrics(params, routing, batch: Batch, step: jnp.ndarray, cfg: ModelConfig,
-                     train_cfg: ml_collections.ConfigDict, matmul: Matmul | None = None):
+                     train_cfg: ml_collections.ConfigDict, recipe: Recipe | None = None):
     """(total loss, (metrics, router stats)) for one batch."""
     out = model.apply(cfg, {"params": params, "routing": routing}, batch["tokens"], batch["positions"],
-                      batch["segment_ids"], matmul=matmul)
-    main_sum, main_count = losses.next_token_loss(out.logits, batch["tokens"], batch["segment_ids"])
-    main = main_sum / jnp.maximum(main_count, 1.0)
-    total = main
-    metrics = {"main_loss": main, "tokens": main_count}
-    if out.mtp_logits is not None:
-        sums, counts = losses.mtp_losses(out.mtp_logits, batch["tokens"], batch["segment_ids"])
-        mtp = jnp.mean(sums / jnp.maximum(counts, 1.0))
-        total = total + mtp_weight(train_cfg, step) * mtp
-        metrics["mtp_loss"] = mtp
-    max_vio, balance_losses = balance.moe_stats(routing, out.router_stats)
+                      batch["segment_ids"], recipe=recipe, dispatch=dispatch.implementation(cfg))
+    terms = losses.loss_terms(out.logits, out.mtp_logits, batch["tokens"], batch["segment_ids"])
+    total = losses.language_loss(terms, mtp_weight(train_cfg, step))
+    _, balance_losses = balance.moe_stats(out.router_stats)
     if balance_losses.size:
-        balance_loss = balance_losses.mean()
-        total = total + train_cfg.balance_alpha * balance_loss
-        metrics.update(balance_loss=balance_loss, max_vio=max_vio.mean(), max_vio_per_layer=max_vio)
-    if cfg.moe_capacity_factor:
-        metrics["dropped_pairs"] = sum(s["dropped"].sum() for s in out.router_stats.values() if "dropped" in s)
-    metrics["loss"] = total
-    return total, (metrics, out.router_stats)
+        total = total + losses.balance_term(balance_losses, train_cfg.balance_alpha)
+    return total, (losses.step_metrics(terms, out.router_stats, total, cfg), out.router_stats)
 
 
 def train_step(state: TrainState, batch: Batch, *, cfg: ModelConfig, train_cfg: ml_collections.ConfigDict,
-               tx: optax.GradientTransformation, matmul: Matmul | None = None) -> tuple[TrainState, dict]:
-    """One update. Pure; jit it with the keyword arguments bound (see train/loop.py)."""
+               tx: optax.GradientTransformation, recipe: Recipe | None = None) -> tuple[TrainState, dict]:
+    """One update. Pure; jit it with the keyword arguments bound (see train/pretrain.py)."""
     grad_fn = jax.grad(loss_and_metrics, has_aux=True)
     grads, (metrics, router_stats) = grad_fn(state.params, state.routing, batch, state.step, cfg, train_cfg,
-                                             matmul)
+                                             recipe)
     return apply_update(state, grads, metrics, router_stats, train_cfg, tx)
 
 
@@ -104,9 +97,9 @@ def apply_update(state: TrainState, grads, metrics: dict, router_stats: dict,
     return new_state, metrics
 
 
-def eval_step(params, routing, batch: Batch, *, cfg: ModelConfig, matmul: Matmul | None = None) -> dict:
+def eval_step(params, routing, batch: Batch, *, cfg: ModelConfig, recipe: Recipe | None = None) -> dict:
     """Summed next-token loss (nats) and token count of one batch, for bits per byte."""
     out = model.apply(cfg, {"params": params, "routing": routing}, batch["tokens"], batch["positions"],
-                      batch["segment_ids"], matmul=matmul, run_mtp=False)
+                      batch["segment_ids"], recipe=recipe, run_mtp=False, dispatch=dispatch.implementation(cfg))
     nll, count = losses.next_token_loss(out.logits, batch["tokens"], batch["segment_ids"])
     return {"nll": nll, "tokens": count}

@@ -2,103 +2,73 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 
+from deepseek_jax.checks import is_int, need
 from deepseek_jax.data.config import validate_data_config
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.train.precision import matmul_for
-
-
-def _need(ok: bool, field: str, value, fix: str) -> None:
-    if not ok:
-        raise ValueError(f"config.{field}={value!r} is invalid: {fix}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+from deepseek_jax.parallel import mesh as mesh_lib
+from deepseek_jax.parallel.pipeline.schedules import SCHEDULES
+from deepseek_jax.train.precision import recipe_for
 
 
 def validate_train_config(t: ml_collections.ConfigDict) -> None:
-    _need(_is_int(t.steps) and t.steps >= 1, "train.steps", t.steps, "use an integer >= 1.")
-    _need(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "use a positive learning rate.")
-    _need(_is_int(t.warmup_steps) and 0 <= t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
-          "use an integer between 0 and train.steps.")
+    need(is_int(t.steps) and t.steps >= 1, "train.steps", t.steps, "use an integer >= 1.")
+    need(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "use a positive learning rate.")
+    need(is_int(t.warmup_steps) and 0 <= t.warmup_steps <= t.steps, "train.warmup_steps", t.warmup_steps,
+         "use an integer between 0 and train.steps.")
     for name in ("decay_start", "final_lr_fraction", "mtp_lambda_switch"):
-        _need(0.0 <= t[name] <= 1.0, f"train.{name}", t[name], "use a fraction in [0, 1].")
-    _need(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, "train.b1/b2", (t.b1, t.b2), "use betas in [0, 1).")
-    _need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "use >= 0.")
-    _need(t.clip_norm > 0, "train.clip_norm", t.clip_norm, "use a positive global-norm bound.")
-    _need(t.moment_dtype in ("", "float32", "bfloat16"), "train.moment_dtype", t.moment_dtype,
-          "use '', 'float32' or 'bfloat16'.")
+        need(0.0 <= t[name] <= 1.0, f"train.{name}", t[name], "use a fraction in [0, 1].")
+    need(0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0, "train.b1/b2", (t.b1, t.b2), "use betas in [0, 1).")
+    need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "use >= 0.")
+    need(t.clip_norm > 0, "train.clip_norm", t.clip_norm, "use a positive global-norm bound.")
+    need(t.moment_dtype in ("", "float32", "bfloat16"), "train.moment_dtype", t.moment_dtype,
+         "use '', 'float32' or 'bfloat16'.")
     for name in ("mtp_lambda", "mtp_lambda_late", "balance_alpha", "bias_update_speed"):
-        _need(t[name] >= 0, f"train.{name}", t[name], "use a non-negative weight (0 disables it).")
-    _need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "use a decay in (0, 1), or 0 to disable.")
+        need(t[name] >= 0, f"train.{name}", t[name], "use a non-negative weight (0 disables it).")
+    need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "use a decay in (0, 1), or 0 to disable.")
     for name in ("log_every", "eval_every", "max_bad_steps"):
-        _need(_is_int(t[name]) and t[name] >= 1, f"train.{name}", t[name], "use an integer >= 1.")
-    _need(t.sample_temperature >= 0, "train.sample_temperature", t.sample_temperature, "use >= 0 (0 = greedy).")
+        need(is_int(t[name]) and t[name] >= 1, f"train.{name}", t[name], "use an integer >= 1.")
+    need(t.sample_temperature >= 0, "train.sample_temperature", t.sample_temperature, "use >= 0 (0 = greedy).")
     for name in ("eval_batches", "sample_tokens"):
-        _need(_is_int(t[name]) and t[name] >= 0, f"train.{name}", t[name], "use an integer >= 0.")
+        need(is_int(t[name]) and t[name] >= 0, f"train.{name}", t[name], "use an integer >= 0.")
 
 
 def validate_parallel_config(config: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
-    import jax
-
-    from deepseek_jax.parallel.pipeline.schedules import SCHEDULES
-
     p = config.parallel
-    _need(_is_int(p.stage) and 1 <= p.stage <= jax.device_count(), "parallel.stage", p.stage,
-          f"use 1 (no pipeline) up to the {jax.device_count()} devices available.")
+    need(is_int(p.stage) and 1 <= p.stage <= jax.device_count(), "parallel.stage", p.stage,
+         f"use 1 (no pipeline) up to the {jax.device_count()} devices available.")
     for axis in ("data", "expert", "tensor"):
-        _need(_is_int(p[axis]) and p[axis] >= 1, f"parallel.{axis}", p[axis], "use an integer >= 1.")
-    _need(p.capacity_factor >= 0, "parallel.capacity_factor", p.capacity_factor, "use 0 (dropless) or e.g. 1.25.")
-    _need(p.capacity_factor == 0 or p.expert > 1, "parallel.capacity_factor", p.capacity_factor,
-          "a capacity only applies to expert parallelism: set parallel.expert > 1 or use 0.")
+        need(is_int(p[axis]) and p[axis] >= 1, f"parallel.{axis}", p[axis], "use an integer >= 1.")
+    need(p.capacity_factor >= 0, "parallel.capacity_factor", p.capacity_factor, "use 0 (dropless) or e.g. 1.25.")
+    need(p.capacity_factor == 0 or p.expert > 1, "parallel.capacity_factor", p.capacity_factor,
+         "a capacity only applies to expert parallelism: set parallel.expert > 1 or use 0.")
     shape = (p.stage, p.data, p.expert, p.tensor)
     used, have = p.stage * p.data * p.expert * p.tensor, jax.device_count()
-    _need(used <= have and (used == have or jax.process_count() == 1), "parallel.stage/data/expert/tensor", shape,
-          f"their product is the number of devices used: at most the {have} there are, and all of "
-          "them when several processes train together.")
+    need(used <= have and (used == have or jax.process_count() == 1), "parallel.stage/data/expert/tensor", shape,
+         f"their product is the number of devices used: at most the {have} there are, and all of "
+         "them when several processes train together.")
     shards = p.data * p.expert
-    _need(config.data.batch_size % shards == 0, "data.batch_size", config.data.batch_size,
-          f"use a multiple of parallel.data x parallel.expert = {shards}.")
-    _need(cfg.n_routed_experts % p.expert == 0, "parallel.expert", p.expert,
-          f"use a divisor of the {cfg.n_routed_experts} routed experts.")
-    _need(cfg.num_attention_heads % p.tensor == 0, "parallel.tensor", p.tensor,
-          f"use a divisor of the {cfg.num_attention_heads} attention heads.")
+    need(config.data.batch_size % shards == 0, "data.batch_size", config.data.batch_size,
+         f"use a multiple of parallel.data x parallel.expert = {shards}.")
+    need(cfg.n_routed_experts % p.expert == 0, "parallel.expert", p.expert,
+         f"use a divisor of the {cfg.n_routed_experts} routed experts.")
+    need(cfg.num_attention_heads % p.tensor == 0, "parallel.tensor", p.tensor,
+         f"use a divisor of the {cfg.num_attention_heads} attention heads.")
+    mesh_lib.run_rules(p)  # Unknown names or axes in parallel.rules fail here.
     if p.stage == 1:
         return
-    _need(p.expert == p.tensor == 1, "parallel.expert/tensor", (p.expert, p.tensor),
-          "the pipeline (parallel.stage > 1) combines with data parallelism (parallel.data) only: set them to 1.")
-    _need(p.pipeline in SCHEDULES, "parallel.pipeline", p.pipeline, f"use one of {sorted(SCHEDULES)}.")
-    _need(_is_int(p.microbatches) and p.microbatches >= 1 and config.data.batch_size % (p.microbatches * p.data) == 0,
-          "parallel.microbatches", p.microbatches,
-          f"every micro-batch is split over parallel.data={p.data}: use a divisor of "
-          f"data.batch_size / parallel.data = {config.data.batch_size / p.data:g}.")
+    need(p.expert == p.tensor == 1, "parallel.expert/tensor", (p.expert, p.tensor),
+         "the pipeline (parallel.stage > 1) combines with data parallelism (parallel.data) only: set them to 1.")
+    need(p.pipeline in SCHEDULES, "parallel.pipeline", p.pipeline, f"use one of {sorted(SCHEDULES)}.")
+    need(is_int(p.microbatches) and p.microbatches >= 1 and config.data.batch_size % (p.microbatches * p.data) == 0,
+         "parallel.microbatches", p.microbatches,
+         f"every micro-batch is split over parallel.data={p.data}: use a divisor of "
+         f"data.batch_size / parallel.data = {config.data.batch_size / p.data:g}.")
     stages = 2 * p.stage if p.pipeline == "dualpipev" else p.stage
-    _need(cfg.num_moe_layers % stages == 0, "parallel.stage", p.stage,
-          f"the {cfg.num_moe_layers} MoE layers must split evenly into {stages} pipeline stages.")
-
-
-def training_model_config(config: ml_collections.ConfigDict, cfg: ModelConfig) -> ModelConfig:
-    """`cfg` as the trainer runs it: the expert dispatch inside a shard_map whenever the batch is split
-    over devices (all-to-all when experts are split too, with the configured capacity; with 'expert' = 1
-    each device runs every expert on its own tokens, where the global sort of the 'ragged' dispatch would
-    make XLA all-gather every token; a pipeline's stages, already inside a shard_map, dispatch on each
-    device's rows), and node-limited routing if asked for."""
-    if "parallel" not in config:
-        return cfg
-    p = config.parallel
-    if p.data * p.expert > 1 and cfg.n_routed_experts:
-        cfg = cfg.replace(moe_dispatch="ep", moe_capacity_factor=float(p.capacity_factor))
-    if p.node_limit:
-        nodes = p.nodes or p.expert
-        _need(nodes >= 2, "parallel.node_limit", p.node_limit,
-              "node-limited routing needs parallel.nodes >= 2 (or parallel.expert >= 2 device groups).")
-        try:
-            cfg = cfg.replace(node_groups=nodes, node_limit=p.node_limit)
-        except ValueError as e:
-            raise ValueError(f"config.parallel.node_limit={p.node_limit} / nodes={nodes}: {e}") from e
-    return cfg
+    need(cfg.num_moe_layers % stages == 0, "parallel.stage", p.stage,
+         f"the {cfg.num_moe_layers} MoE layers must split evenly into {stages} pipeline stages.")
 
 
 def validate_run_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -110,11 +80,11 @@ def validate_run_config(config: ml_collections.ConfigDict) -> ModelConfig:
     validate_data_config(config.data)
     validate_train_config(config.train)
     c = config.checkpoint
-    _need(_is_int(c.every) and c.every >= 1, "checkpoint.every", c.every, "use an integer >= 1.")
-    _need(_is_int(c.keep) and c.keep >= 1, "checkpoint.keep", c.keep, "keep at least one checkpoint.")
+    need(is_int(c.every) and c.every >= 1, "checkpoint.every", c.every, "use an integer >= 1.")
+    need(is_int(c.keep) and c.keep >= 1, "checkpoint.keep", c.keep, "keep at least one checkpoint.")
     if "parallel" in config:
         validate_parallel_config(config, cfg)
-    matmul_for(config)  # Builds the FP8 recipe if enabled: a bad recipe name or dtype fails here.
+    recipe_for(config)  # Builds the FP8 recipe if enabled: a bad recipe name or dtype fails here.
     if config.data.tokenizer == "byte" and cfg.vocab_size < 258:
         raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is too small for the byte tokenizer "
                          "(ids up to 257): use at least 258, e.g. 264.")

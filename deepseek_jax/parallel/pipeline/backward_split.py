@@ -4,7 +4,8 @@ Zero-bubble schedules (ZB-H1, DualPipe) split a stage's backward into I, the inp
 the previous stage waits for, and W, the weight gradient, run later to fill a bubble. W must not
 redo the input-gradient chain: it contracts, for every use of a weight, the saved input of that use
 with the output gradient I kept (x^T dy for a matmul y = x W). This module derives that split for
-any stage function with JAX's own machinery, with no change to the model:
+any stage function with JAX's own machinery (the internals _jax_internals.py guards), with no change
+to the model:
 
   1. `jax.linearize` the stage: its linear map  (t_params, t_x) -> (t_y, t_loss)  is a jaxpr whose
      constants are the forward's residuals.
@@ -36,13 +37,14 @@ as x), loss a float32 scalar whose gradient is taken with cotangent 1, stats a p
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
-from jax._src.interpreters import partial_eval as pe  # partial evaluation and DCE have no public API
+from deepseek_jax.parallel.pipeline import _jax_internals as pe  # partial evaluation and DCE: no public API
 
 StageFn = Callable[[Any, jnp.ndarray, Any], tuple[tuple[jnp.ndarray, jnp.ndarray], Any]]
 

@@ -9,8 +9,6 @@ backward parts in proportion to their costs.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
@@ -35,7 +33,7 @@ def _cell(ax, x: float, width: float, row: int, op: Op, font_size: float, edge: 
         ax.text(x + width / 2, row, str(op.microbatch), ha="center", va="center", fontsize=font_size)
 
 
-def plot_timeline(timeline: Timeline, path: Optional[str] = None, title: Optional[str] = None) -> Figure:
+def plot_timeline(timeline: Timeline, path: str | None = None, title: str | None = None) -> Figure:
     """Draws `timeline`; writes a PNG to `path` if given. Returns the figure."""
     schedule, cost = timeline.schedule, timeline.cost
     total = timeline.total_time

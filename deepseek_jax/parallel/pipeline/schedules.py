@@ -19,8 +19,8 @@ Text format (one op): `F0.3` forward on module slot 0 of micro-batch 3; `B1.2`, 
 likewise; `[F0.3|B1.1]` the overlapped pair. For every schedule here the module slot equals the
 direction, except DualPipeV whose single direction runs down (slot 0) and back up (slot 1) the V.
 
-Run `python -m deepseek_jax.parallel.pipeline.schedules --schedule=dualpipe --ranks=8
---microbatches=20 [--plot=out.png]` to print a schedule (and draw it).
+Run `python -m deepseek_jax.parallel.pipeline --schedule=dualpipe --ranks=8 --microbatches=20
+[--plot=out.png]` to print a schedule (and draw it).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
-from typing import Callable, Optional
+from collections.abc import Callable
 
 
 class Kind(enum.StrEnum):
@@ -60,7 +60,7 @@ class Op:
     direction: int
     stage: int
     module: int
-    backward: Optional[Op] = None
+    backward: Op | None = None
 
     def __post_init__(self):
         if (self.kind == Kind.OVERLAPPED) != (self.backward is not None):
@@ -130,11 +130,11 @@ class Schedule:
         """The rank that computes `stage` for micro-batches of `direction`."""
         return self.placement[direction][stage]
 
-    def forward_destination(self, direction: int, stage: int) -> Optional[int]:
+    def forward_destination(self, direction: int, stage: int) -> int | None:
         """Rank receiving the activation F of `stage` produces (maybe itself); None after the last stage."""
         return None if stage == self.num_stages - 1 else self.placement[direction][stage + 1]
 
-    def backward_destination(self, direction: int, stage: int) -> Optional[int]:
+    def backward_destination(self, direction: int, stage: int) -> int | None:
         """Rank receiving the input gradient B/I of `stage` produces (maybe itself); None for stage 0."""
         return None if stage == 0 else self.placement[direction][stage - 1]
 
@@ -166,8 +166,11 @@ def _linear_schedule(name: str, num_ranks: int, num_microbatches: int,
 def gpipe(num_ranks: int, num_microbatches: int) -> Schedule:
     """GPipe: every rank runs all forwards, then all backwards (in micro-batch order)."""
     _check_common("gpipe", num_ranks, num_microbatches)
-    program = lambda r: ([(Kind.FORWARD, m) for m in range(num_microbatches)]
-                         + [(Kind.BACKWARD, m) for m in range(num_microbatches)])
+
+    def program(r):
+        return [(Kind.FORWARD, m) for m in range(num_microbatches)] + [(Kind.BACKWARD, m)
+                                                                       for m in range(num_microbatches)]
+
     return _linear_schedule("gpipe", num_ranks, num_microbatches, program)
 
 
@@ -392,27 +395,3 @@ def format_schedule(schedule: Schedule) -> str:
     width = len(str(schedule.num_ranks - 1))
     return "\n".join(f"rank {r:>{width}}: " + " ".join(map(str, rank_ops))
                      for r, rank_ops in enumerate(schedule.ops))
-
-
-def main(argv) -> None:
-    from absl import flags  # the CLI only: the library itself needs no absl
-
-    del argv
-    cfg = flags.FLAGS
-    schedule = make_schedule(cfg.schedule, cfg.ranks, cfg.microbatches)
-    print(format_schedule(schedule))
-    if cfg.plot:
-        from deepseek_jax.parallel.pipeline import plot, simulate
-
-        plot.plot_timeline(simulate.simulate(schedule, simulate.CostModel()), cfg.plot)
-        print(f"wrote {cfg.plot}")
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_enum("schedule", "dualpipe", sorted(SCHEDULES), "Which schedule to print.")
-    flags.DEFINE_integer("ranks", 8, "Pipeline ranks P.")
-    flags.DEFINE_integer("microbatches", 20, "Micro-batches per step M (both directions together).")
-    flags.DEFINE_string("plot", None, "If set, also draw the simulated schedule to this PNG path.")
-    app.run(main)

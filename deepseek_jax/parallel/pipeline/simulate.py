@@ -24,7 +24,6 @@ Definitions (DeepSeek-V3 report, Table 2):
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from deepseek_jax.parallel.pipeline.schedules import Kind, Op, Schedule
 
@@ -50,8 +49,8 @@ class CostModel:
     forward: float = 1.0
     backward: float = 2.0
     weight_grad: float = 1.0
-    input_grad: Optional[float] = None
-    overlapped: Optional[float] = None
+    input_grad: float | None = None
+    overlapped: float | None = None
     p2p_latency: float = 0.0
 
     def __post_init__(self):
@@ -214,7 +213,7 @@ def _peak_activations(rank_ops: list[TimedOp]) -> int:
     return peak
 
 
-def tick_table(schedule: Schedule, latency: int = 0) -> tuple[tuple[Optional[Op], ...], ...]:
+def tick_table(schedule: Schedule, latency: int = 0) -> tuple[tuple[Op | None, ...], ...]:
     """[tick][rank] -> the op each rank runs in lock-step tick t (None = idle).
 
     Every op takes one tick. A value crossing ranks is usable `latency` ticks after the tick that

@@ -9,8 +9,11 @@ beyond a row's length are stale: attention never reads them (`past_mask`) and th
 at `lengths` overwrites them. Rolling back rejected speculative tokens is therefore only a matter of
 setting `lengths` back.
 
-The stacks mirror the parameters: 'dense_layers' and 'moe_layers' (the scanned decoder layers) and,
-for speculative decoding, 'mtp' (the MTP modules' blocks, depth as the L axis).
+The stacks mirror the parameters (model/names.py): the scanned decoder stacks and, for
+speculative decoding, MTP_CACHE (the MTP modules' blocks, depth as the L axis). The model's pieces take
+an optional cache (model/transformer.py): given one, each layer attends over [its cache ; the new
+tokens] and the new tokens' entries are written at lengths .. lengths+T-1; `lengths` is left to the
+caller (the decoder decides how many written tokens become valid).
 """
 
 from __future__ import annotations
@@ -23,8 +26,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.layers import compute_dtype
-
-MTP = "mtp"
+from deepseek_jax.model.names import MTP_CACHE, stack_lengths
 
 
 @flax.struct.dataclass
@@ -45,6 +47,10 @@ class KVCache:
         """S, the slots per row."""
         return next(iter(self.layers.values())).c_kv.shape[2]
 
+    def positions(self, num_new: int) -> jnp.ndarray:
+        """int32 [B, T]: the positions (= slots) of T new tokens, lengths .. lengths+T-1."""
+        return self.lengths[:, None] + jnp.arange(num_new, dtype=jnp.int32)[None, :]
+
     def write(self, name: str, new: LayerCache, layer: int | None = None) -> KVCache:
         """Stores new entries [L, B, T, *] (or [B, T, *] into `layer`) at slots lengths .. lengths+T-1.
 
@@ -54,7 +60,7 @@ class KVCache:
         stack = self.layers[name]
         B, T = self.lengths.shape[0], new.c_kv.shape[-2]
         rows_B1 = jnp.arange(B)[:, None]
-        slots_BT = self.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        slots_BT = self.positions(T)
         lead = slice(None) if layer is None else layer
 
         def put(buffer: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
@@ -66,13 +72,9 @@ class KVCache:
 
 def stack_depths(cfg: ModelConfig, mtp: bool) -> dict[str, int]:
     """Layers per cached stack (the MTP stack only when `mtp` and the model has MTP modules)."""
-    depths = {}
-    if cfg.num_dense_layers:
-        depths["dense_layers"] = cfg.num_dense_layers
-    if cfg.num_moe_layers:
-        depths["moe_layers"] = cfg.num_moe_layers
+    depths = stack_lengths(cfg)
     if mtp and cfg.num_nextn_predict_layers:
-        depths[MTP] = cfg.num_nextn_predict_layers
+        depths[MTP_CACHE] = cfg.num_nextn_predict_layers
     return depths
 
 
@@ -96,7 +98,7 @@ def bytes_per_token(cache: KVCache) -> int:
     per_row_slot = 0
     for stack in cache.layers.values():
         for leaf in (stack.c_kv, stack.k_rope):
-            L, B, S = leaf.shape[:3]
+            _, B, S = leaf.shape[:3]
             per_row_slot += leaf.size // (B * S) * jnp.dtype(leaf.dtype).itemsize
     return per_row_slot
 

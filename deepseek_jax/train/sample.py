@@ -1,8 +1,7 @@
-"""Generation without a KV cache: every new token re-runs the whole sequence.
+"""The end-of-run sample: generation without a KV cache, every new token re-running the whole sequence.
 
-Slow (quadratic) but simple and obviously right, so it is the reference the cached generator is tested
-against, and what training uses for its end-of-run sample. One jit-compiled step over a fixed-size
-buffer: no recompilation per token.
+Slow (quadratic) but simple and obviously right, so it is also the reference the cached generator
+(infer/) is tested against. One jit-compiled step over a fixed-size buffer: no recompilation per token.
 
 Legend: B batch, T prompt length, N new tokens, V vocabulary.
 """
@@ -13,8 +12,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
 from deepseek_jax import model
+from deepseek_jax.data import tokenizers
 from deepseek_jax.model.config import ModelConfig
 
 
@@ -41,3 +43,14 @@ def generate_uncached(cfg: ModelConfig, variables, prompt_BT: jnp.ndarray, max_n
             token = jnp.argmax(logits, axis=-1)
         buffer = buffer.at[:, T + i].set(token.astype(jnp.int32))
     return buffer
+
+
+def sample_text(cfg: ModelConfig, variables: dict, data_cfg: ml_collections.ConfigDict, prompt: str,
+                num_tokens: int, temperature: float = 0.0, seed: int = 0) -> str:
+    """The model's continuation of `prompt` (greedy at temperature 0), decoded to text."""
+    tokenizer = tokenizers.make_tokenizer(data_cfg)
+    ids = np.asarray(tokenizer.encode(prompt), np.int32)[None, :]
+    room = cfg.max_position_embeddings - ids.shape[1]
+    out = generate_uncached(cfg, variables, jnp.asarray(ids), min(num_tokens, room), temperature=temperature,
+                            key=jax.random.key(seed))
+    return prompt + tokenizer.decode(np.asarray(out[0, ids.shape[1]:]))

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.infer import cached
-from deepseek_jax.infer.cache import KVCache, init_cache
 from deepseek_jax.infer.sampling import Sampling, sample
+from deepseek_jax.model.cache import KVCache, init_cache
 from deepseek_jax.model.config import ModelConfig
 
 

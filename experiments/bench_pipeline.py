@@ -8,14 +8,18 @@ DeepSeek-V3 (1 dense + 16 MoE layers, MTP depth 1) with M = 16 micro-batches:
                       middle and the last stage (the first adds the embedding and the dense layer, the
                       last the head, MTP and losses); an overlapped F&B pair costs F + B (CPU runs the
                       pair's halves one after the other);
-  lock-step idle      the executor's tick table (latency 1: sends overlap the next tick) costed with
-                      those numbers: a tick lasts as long as its slowest rank's op, so
-                      idle = 1 - sum(busy) / (P * sum over ticks of the slowest op);
+  lock-step idle      the executor's plan (tables.py: a forward and a backward phase per tick) costed
+                      with those numbers, each phase as long as its slowest rank's op:
+                      idle = 1 - sum(busy) / (P * makespan); beside it the one-op-per-tick tables the
+                      executor ran before (sends overlapped with the next tick, or sent after compute);
   ideal bubble        the simulator's asynchronous bubble with the middle-stage costs
-                      (mean over ranks of bubble / total time), the schedule's own lower bound;
-  memory              `compiled.memory_analysis()` of the whole pipelined gradient program (per
-                      device: temporaries, which hold the activation stash and every other buffer),
-                      and the executor's stash (residuals kept from F to B/W) computed from its shape.
+                      (mean over ranks of bubble / total time), the schedule's own lower bound; the
+                      makespan ratio is (1 - ideal bubble) / (1 - lock-step idle);
+  memory              per device: the train state's parameters + Adam moments as the trainer shards them
+                      on a ('stage',) mesh of 8 ranks (and as they were before the shared parameters were
+                      split over 'stage'), `compiled.memory_analysis()` of the whole pipelined gradient
+                      program in those shardings (temporaries hold the activation stash and every other
+                      buffer), and the executor's stash (residuals kept from F to B/W) from its shape.
 
 CPU XLA runs collective-permutes synchronously, so communication overlap is not measured here.
 Writes experiments/results/bench_pipeline.{json,md}. Run: python experiments/bench_pipeline.py
@@ -29,11 +33,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import functools  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import pathlib  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -41,12 +47,15 @@ from deepseek_jax import defaults  # noqa: E402
 from deepseek_jax.model import functional  # noqa: E402
 from deepseek_jax.model.config import ModelConfig  # noqa: E402
 from deepseek_jax.model.transformer import default_positions  # noqa: E402
+from deepseek_jax.parallel import mesh as mesh_lib  # noqa: E402
 from deepseek_jax.parallel.pipeline import execute, schedules  # noqa: E402
 from deepseek_jax.parallel.pipeline.backward_split import split_stage  # noqa: E402
 from deepseek_jax.parallel.pipeline.schedules import Kind  # noqa: E402
-from deepseek_jax.parallel.pipeline.simulate import CostModel, simulate  # noqa: E402
+from deepseek_jax.parallel.pipeline.simulate import CostModel, simulate, tick_table  # noqa: E402
 from deepseek_jax.parallel.pipeline.tables import build_plan  # noqa: E402
-from deepseek_jax.train import pipelined  # noqa: E402
+from deepseek_jax.train import pipelined, placement  # noqa: E402
+from deepseek_jax.train import step as step_lib  # noqa: E402
+from deepseek_jax.train.optimizer import make_optimizer  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _OUT_DIR = flags.DEFINE_string("out_dir", str(ROOT / "experiments" / "results"), "Where to write the results.")
@@ -125,20 +134,32 @@ def op_costs(cfg, train_cfg, variables, num_stages: int) -> dict:
     return costs
 
 
-def lockstep(schedule, latency: int, costs: dict) -> dict:
-    """Idle fraction of the lock-step tick table (hops take `latency` ticks) with per-stage op costs."""
-    where = lambda s: "first" if s == 0 else "last" if s == schedule.num_stages - 1 else "middle"  # noqa: E731
+def stage_cost(schedule, costs: dict):
+    """The measured cost of one computation (F, B, I or W) at its stage's position."""
     kind = {Kind.FORWARD: "F", Kind.BACKWARD: "B", Kind.INPUT_GRAD: "I", Kind.WEIGHT_GRAD: "W"}
-    from deepseek_jax.parallel.pipeline.simulate import tick_table
+    where = lambda s: "first" if s == 0 else "last" if s == schedule.num_stages - 1 else "middle"  # noqa: E731
+    return lambda half: costs[kind[half.kind]][where(half.stage)]
 
-    total, busy = 0.0, np.zeros(schedule.num_ranks)
-    ticks = tick_table(schedule, latency)
-    for row in ticks:
-        tick = [sum(costs[kind[h.kind]][where(h.stage)] for h in op.halves()) if op else 0.0 for op in row]
-        total += max(tick)
-        busy += tick
-    idle = float(1 - busy.sum() / (schedule.num_ranks * total))
-    return {"ticks": len(ticks), "seconds": total, "idle_fraction": idle}
+
+def lockstep(schedule, plan, costs: dict) -> dict:
+    """Idle fraction of the executor's plan, and of the one-op-per-tick tables it ran before, with
+    per-stage op costs."""
+    cost = stage_cost(schedule, costs)
+    total, ops = plan.timeline(cost)
+    busy = sum(t.end - t.start for rank_ops in ops for t in rank_ops)
+    out = {"ticks": plan.num_ticks, "seconds": total, "idle_fraction": float(1 - busy / (schedule.num_ranks * total))}
+    # The same plan with every stage costing what a middle stage does: what is left is lock-step itself;
+    # the rest of the measured idle comes from the end stages' extra work (embedding, head, MTP, losses).
+    middle = {k: {w: c["middle"] for w in c} for k, c in costs.items()}
+    uniform_total, uniform_ops = plan.timeline(stage_cost(schedule, middle))
+    uniform_busy = sum(t.end - t.start for rank_ops in uniform_ops for t in rank_ops)
+    out["idle_fraction_uniform_costs"] = float(1 - uniform_busy / (schedule.num_ranks * uniform_total))
+    for latency, name in ((1, "before_overlapped"), (0, "before_unbuffered")):
+        ticks = tick_table(schedule, latency)
+        seconds = sum(max(sum(cost(h) for h in op.halves()) if op else 0.0 for op in row) for row in ticks)
+        out[f"ticks_{name}"] = len(ticks)
+        out[f"idle_fraction_{name}"] = float(1 - busy / (schedule.num_ranks * seconds))
+    return out
 
 
 def ideal_bubble(schedule, costs: dict) -> float:
@@ -148,15 +169,43 @@ def ideal_bubble(schedule, costs: dict) -> float:
     return float(np.mean(timeline.bubble) / timeline.total_time)
 
 
+def stage_mesh():
+    return mesh_lib.make_mesh(ml_collections.ConfigDict(dict(stage=RANKS, data=1, expert=1, tensor=1)))
+
+
+def state_bytes(cfg, train_cfg) -> dict:
+    """Per-device bytes of parameters + Adam moments as the trainer lays them out on the pipeline's mesh,
+    and with only the MoE stack split over 'stage' (the layout before the shared parameters were)."""
+    mesh, tx = stage_mesh(), make_optimizer(train_cfg)
+    abstract = jax.eval_shape(lambda: step_lib.init_state(cfg, tx, jax.random.key(0)))
+    now = placement.state_shardings(cfg, tx, mesh)
+    rules_only = mesh_lib.param_shardings(functional.logical_axes(cfg)["params"], mesh)
+    before_opt = mesh_lib.opt_state_shardings(tx, abstract.opt_state, rules_only, mesh)
+
+    def per_device(tree, shardings):
+        leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+        return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in zip(jax.tree.leaves(tree), leaves))
+
+    total = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves((abstract.params, abstract.opt_state)))
+    return {"state_bytes_total": total,
+            "state_bytes_per_device": per_device((abstract.params, abstract.opt_state), (now.params, now.opt_state)),
+            "state_bytes_per_device_before": per_device((abstract.params, abstract.opt_state),
+                                                        (rules_only, before_opt))}
+
+
 def memory(cfg, train_cfg, variables, plan) -> dict:
-    """Per-device memory of the compiled pipelined gradient program, and the stash's share."""
-    mesh = execute.make_stage_mesh(RANKS)
+    """Per-device memory of the compiled pipelined gradient program in the trainer's shardings, and the
+    stash's share."""
+    mesh = stage_mesh()
+    shardings = placement.variable_shardings(cfg, mesh)
     batch = batch_for(cfg)
     step = jnp.int32(0)
     fn = jax.jit(lambda p, r, b: pipelined.pipelined_grads(p, r, b, step, cfg=cfg, train_cfg=train_cfg, plan=plan,
-                                                        mesh=mesh))
+                                                        mesh=mesh),
+                 in_shardings=(shardings["params"], shardings["routing"], None))
     start = time.perf_counter()
-    compiled = fn.lower(variables["params"], variables["routing"], batch).compile(FAST_COMPILE)
+    with jax.set_mesh(mesh):
+        compiled = fn.lower(variables["params"], variables["routing"], batch).compile(FAST_COMPILE)
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
     # The stash entry's size, from the split of one stage (what the executor allocates per slot).
@@ -191,17 +240,19 @@ def main(argv) -> None:
             print(f"op costs with {S} stages (ms):",
                   {k: {w: round(1e3 * v, 2) for w, v in c.items()} for k, c in costs[S].items()}, flush=True)
         plan = build_plan(schedule)
-        unbuffered = lockstep(schedule, 0, costs[S])
-        row = {"schedule": name, "stages": S, **lockstep(schedule, plan.latency, costs[S]),
-               "ticks_latency0": unbuffered["ticks"], "idle_fraction_latency0": unbuffered["idle_fraction"],
+        row = {"schedule": name, "stages": S, **lockstep(schedule, plan, costs[S]),
                "ideal_bubble_fraction": ideal_bubble(schedule, costs[S]),
                "simulated_peak_activations": max(simulate(schedule, CostModel()).peak_activations),
                **memory(cfg, train_cfg, variables, plan)}
+        row["makespan_over_ideal"] = (1 - row["ideal_bubble_fraction"]) / (1 - row["idle_fraction"])
+        row["makespan_over_ideal_uniform_costs"] = ((1 - row["ideal_bubble_fraction"])
+                                                    / (1 - row["idle_fraction_uniform_costs"]))
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     out = pathlib.Path(_OUT_DIR.value)
     out.mkdir(parents=True, exist_ok=True)
     result = {"ranks": RANKS, "microbatches": MICROBATCHES, "rows_per_microbatch": ROWS, "length": LENGTH,
+              **state_bytes(cfg, train_cfg),
               "model": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "n_routed_experts",
                                                        "num_nextn_predict_layers", "vocab_size")},
               "op_cost_seconds": {str(k): v for k, v in costs.items()}, "schedules": rows,
@@ -209,22 +260,36 @@ def main(argv) -> None:
     (out / "bench_pipeline.json").write_text(json.dumps(result, indent=2))
     lines = [f"Pipeline executor on {RANKS} simulated CPU devices, M = {MICROBATCHES} micro-batches of "
              f"{ROWS} x {LENGTH} tokens, DeepSeek-V3 micro model (1 dense + 16 MoE layers, MTP 1).", "",
-             "| schedule | stages | ticks | lock-step idle | ticks, latency 0 | idle, latency 0 | ideal async bubble | "
+             "| schedule | stages | ticks | lock-step idle | makespan / ideal | same, middle-stage costs | "
+             "before: idle (ticks), overlapped | before: idle (ticks), unbuffered | ideal async bubble | "
              "stash slots (sim. peak) | stash MiB | compiled temp MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['schedule']} | {r['stages']} | {r['ticks']} | {r['idle_fraction']:.1%} | "
-                     f"{r['ticks_latency0']} | {r['idle_fraction_latency0']:.1%} | "
-                     f"{r['ideal_bubble_fraction']:.1%} | {r['stash_slots']} ({r['simulated_peak_activations']}) | "
-                     f"{r['stash_bytes'] / 2**20:.2f} | {r['temp_bytes'] / 2**20:.2f} |")
-    lines += ["", "Lock-step idle: the executor's tick table (a hop to a neighbour takes one tick, hidden behind "
-              "the next tick's compute on GPU/TPU) with each tick as long as its slowest rank's op, op costs "
-              "timed alone per stage position. Latency 0: the executor's unbuffered mode (send after compute, "
-              "consumer runs the next tick; no overlap), i.e. the cost of lock-step alone. Ideal async bubble: "
-              "the simulator with middle-stage costs "
-              "(mean idle share of a rank). Stash: residuals kept from F to B/W, per rank (`sim. peak`: the "
-              "simulator's peak activation units with its default costs). Memory per device from "
-              "`compiled.memory_analysis()`."]
+                     f"{r['makespan_over_ideal']:.2f}x | {r['makespan_over_ideal_uniform_costs']:.2f}x | "
+                     f"{r['idle_fraction_before_overlapped']:.1%} "
+                     f"({r['ticks_before_overlapped']}) | {r['idle_fraction_before_unbuffered']:.1%} "
+                     f"({r['ticks_before_unbuffered']}) | {r['ideal_bubble_fraction']:.1%} | "
+                     f"{r['stash_slots']} ({r['simulated_peak_activations']}) | {r['stash_bytes'] / 2**20:.2f} | "
+                     f"{r['temp_bytes'] / 2**20:.2f} |")
+    mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
+    share = result["state_bytes_per_device"] * RANKS / result["state_bytes_total"]
+    lines += ["", f"Parameters + Adam moments per device on the 8 ranks: {mib(result['state_bytes_per_device'])} "
+              f"(total {mib(result['state_bytes_total'])}, so {share:.2f}x total / P); with only the MoE stack "
+              "split over 'stage', as before: "
+              f"{mib(result['state_bytes_per_device_before'])}.", "",
+              "Lock-step idle: the executor's plan (two phases per tick, a hop to a neighbour takes one tick and "
+              "every send travels while the other phase computes) with each phase as long as its slowest rank's "
+              "op, op costs timed alone per stage position. Before: the one-op-per-tick tables the executor ran "
+              "until this change, with sends overlapped with the next tick (two ticks per hop) or sent after "
+              "compute (no overlap). Ideal async bubble: the simulator with middle-stage costs (mean idle share "
+              "of a rank); makespan / ideal = (1 - ideal bubble) / (1 - lock-step idle); 'same, middle-stage "
+              "costs' replays the plan with every stage costing a middle stage's ops: the lock-step part of the "
+              "gap, the rest "
+              "being the end stages' extra work (embedding and dense layer, head, MTP, losses), which in one SPMD "
+              "program every rank waits for. Stash: residuals kept "
+              "from F to B/W, per rank (`sim. peak`: the simulator's peak activation units with its default "
+              "costs). Memory per device from `compiled.memory_analysis()` in the trainer's shardings."]
     (out / "bench_pipeline.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

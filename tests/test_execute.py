@@ -22,8 +22,9 @@ from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel.pipeline import execute, schedules
 from deepseek_jax.parallel.pipeline.backward_split import split_stage
-from deepseek_jax.parallel.pipeline.simulate import CostModel, simulate
-from deepseek_jax.parallel.pipeline.tables import build_plan
+from deepseek_jax.parallel.pipeline.schedules import Kind
+from deepseek_jax.parallel.pipeline.simulate import CostModel, peak_activations, tick_table
+from deepseek_jax.parallel.pipeline.tables import build_plan, op_cost
 from deepseek_jax.train import pipelined
 from deepseek_jax.train import step as step_lib
 
@@ -88,9 +89,9 @@ def assert_close(actual, expected, rtol=1e-5):
 def test_toy_pipeline_matches_unpipelined(name, num_ranks):
     schedule = schedules.make_schedule(name, num_ranks, 2 * num_ranks)
     plan = build_plan(schedule)
-    # Buffers: the stash holds what the simulator counts as live activations (lock-step timing).
-    lockstep = simulate(schedule, CostModel(1, 1, 1, 1, 1, p2p_latency=1.0))
-    assert plan.num_stash == max(lockstep.peak_activations)
+    # Buffers: the stash holds what the simulator counts as live activations in the executed timeline.
+    _, executed = plan.timeline(op_cost(CostModel()))
+    assert plan.num_stash == max(peak_activations(list(ops)) for ops in executed)
     stage, shared, inputs, consts = toy_problem(schedule.num_stages, schedule.num_microbatches)
     run = jax.jit(lambda st, sh, inp: execute.pipeline_gradients(
         plan, toy_stage, st, sh, inp, mesh=execute.make_stage_mesh(num_ranks),
@@ -123,18 +124,48 @@ def test_toy_pipeline_with_data_parallelism_matches_unpipelined(name, ranks, dat
     assert_close(result.stats["x_sum"], stats)
 
 
-def test_unbuffered_sends_match_too():
-    """latency=0: send right after compute (no overlap, fewer ticks); same numbers."""
-    schedule = schedules.dualpipev(4, 8)
-    assert build_plan(schedule, latency=0).num_ticks < build_plan(schedule, latency=1).num_ticks
-    stage, shared, inputs, consts = toy_problem(schedule.num_stages, 8, seed=1)
-    result = jax.jit(lambda st, sh, inp: execute.pipeline_gradients(
-        build_plan(schedule, latency=0), toy_stage, st, sh, inp, mesh=execute.make_stage_mesh(4),
-        x_aval=jax.ShapeDtypeStruct((B, D), jnp.float32), consts=consts), compiler_options=FAST_COMPILE)(
-        stage, shared, inputs)
-    loss, grads, _ = toy_reference(stage, shared, inputs, consts)
-    assert_close(result.loss, loss)
-    assert_close(result.grads, grads)
+PLANNED = [(name, p, m) for p in (4, 8) for m in sorted({2 * p, 16, 20}) for name in schedules.SCHEDULES
+           if not (name == "dualpipe" and m < 2 * p) and not (name == "dualpipev" and m < 2 * p)]
+
+
+@pytest.mark.parametrize("name, ranks, microbatches", PLANNED)
+def test_a_hop_costs_one_tick(name, ranks, microbatches):
+    """Every computation runs in the first phase its inputs and its rank's previous op allow: an
+    activation made in tick t is used from tick t+1, a gradient too, a rank's B may follow its own F
+    within a tick; and the tick table is never longer than the unbuffered one-op-per-tick table."""
+    schedule = schedules.make_schedule(name, ranks, microbatches)
+    plan = build_plan(schedule)
+    where = {}  # (kind, direction, micro-batch, stage) -> (tick, rank)
+    for t, row in enumerate(plan.phases):
+        for r, ops in enumerate(row):
+            for half in ops:
+                if half is not None:
+                    where[(half.kind, half.direction, half.microbatch, half.stage)] = (t, r)
+    last = schedule.num_stages - 1
+
+    def earliest(half):
+        """The first tick `half`'s inputs allow: an activation or gradient the tick after it was made,
+        the rank's own F in the same tick, I's kept gradients the tick after."""
+        d, m, s = half.direction, half.microbatch, half.stage
+        if half.kind == Kind.FORWARD:
+            return where[(Kind.FORWARD, d, m, s - 1)][0] + 1 if s > 0 else 0
+        if half.kind == Kind.WEIGHT_GRAD:
+            return where[(Kind.INPUT_GRAD, d, m, s)][0] + 1
+        grad = where.get((Kind.BACKWARD, d, m, s + 1)) or where.get((Kind.INPUT_GRAD, d, m, s + 1))
+        return max(where[(Kind.FORWARD, d, m, s)][0], grad[0] + 1 if s < last else 0)
+
+    for rank_ops in schedule.ops:
+        previous = (-1, 1)  # (tick, phase) of the rank's previous computation; phase 0 = forward
+        for op in rank_ops:
+            halves = op.halves()
+            ticks = {where[(h.kind, h.direction, h.microbatch, h.stage)][0] for h in halves}
+            assert len(ticks) == 1  # an F&B pair is one tick
+            (t,) = ticks
+            first_phase = 0 if halves[0].kind == Kind.FORWARD else 1
+            after_previous = previous[0] + (first_phase <= previous[1])
+            assert t == max([after_previous] + [earliest(h) for h in halves]), (op, t)
+            previous = (t, 0 if halves[-1].kind == Kind.FORWARD else 1)
+    assert plan.num_ticks <= len(tick_table(schedule, 0))
 
 
 def test_weight_grad_does_only_the_weight_gradient_matmuls():
@@ -206,8 +237,9 @@ def _ancestors(graph, name):
 
 
 def test_tick_permutes_are_independent_of_tick_compute():
-    """In the compiled tick (the while body), every collective-permute and the op's conditional are
-    independent both ways, so an async collective scheduler can overlap them."""
+    """In the compiled tick (the while body), every collective-permute has a phase's conditional (the
+    forward phase for gradients, the backward phase for activations) independent of it both ways, so an
+    async collective scheduler can overlap them."""
     schedule = schedules.dualpipe(4, 8)
     stage, shared, inputs, consts = toy_problem(4, 8)
     compiled = jax.jit(lambda st, sh, inp: execute.pipeline_gradients(
@@ -220,11 +252,11 @@ def test_tick_permutes_are_independent_of_tick_compute():
     assert len(bodies) == 1
     body = bodies[0]
     permutes = [n for n, (op, _) in body.items() if op in ("collective-permute", "collective-permute-start")]
-    (compute,) = [n for n, (op, _) in body.items() if op == "conditional"]
-    assert len(permutes) == 4  # activations and gradients, both directions
+    phases = [n for n, (op, _) in body.items() if op == "conditional"]
+    assert len(permutes) == 4 and len(phases) == 2  # activations and gradients, both directions; two phases
     for p in permutes:
-        assert compute not in _ancestors(body, p)
-        assert p not in _ancestors(body, compute)
+        beside = [c for c in phases if c not in _ancestors(body, p) and p not in _ancestors(body, c)]
+        assert beside, f"{p} depends on, or feeds, every phase's compute"
 
 
 # ---------------------------------------------------------------------------------------------------

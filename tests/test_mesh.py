@@ -252,3 +252,38 @@ def test_bad_rules_are_named(tmp_path, rules, problem):
     config.parallel.rules = rules
     with pytest.raises(ValueError, match=f"config.parallel.rules: .*{problem}"):
         validate_run_config(config)
+
+
+def test_pipelined_checkpoints_restore_onto_a_plain_mesh_and_back(tmp_path):
+    """A pipelined run's state (MoE stack over 'stage', the other parameters split over 'stage' too) saved
+    and restored onto one device and onto data x expert, and a plain run's onto the pipeline's layout."""
+    from deepseek_jax.train import checkpoint as checkpoint_lib
+
+    def layout(stage=1, data=1, expert=1):
+        c = run_config(tmp_path, data=data, expert=expert)
+        c.model.num_hidden_layers = 3  # Two MoE layers: one per stage.
+        c.parallel.update(stage=stage, microbatches=2)
+        cfg = training_model_config(c, ModelConfig.from_dict(c.model))
+        mesh = mesh_lib.make_mesh(c.parallel)
+        return cfg, mesh, placement.state_shardings(cfg, make_optimizer(c.train), mesh)
+
+    cfg, mesh, pipelined = layout(stage=2, data=2)
+    embedding = pipelined.params["embed_tokens"]["embedding"]
+    assert "stage" in embedding.spec and "stage" in pipelined.params["moe_layers"]["mlp"]["experts"]["up_proj"].spec
+    tx = make_optimizer(run_config(tmp_path).train)
+    state = placement.init_sharded_state(cfg, tx, jax.random.key(2), mesh)
+    ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "ckpt"), keep=2, async_save=False)
+    ckpt.save(1, state, ema=None, data_state={}, model_config=cfg)
+    want = jax.device_get(state)
+    for target in (dict(), dict(data=2, expert=4), dict(stage=2, data=2)):
+        target_cfg, _, shardings = layout(**target)
+        like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), want, shardings)
+        got = ckpt.restore(1, like, ema_like=None, model_config=target_cfg)["state"]
+        jax.tree.map(lambda g, s: (g.sharding == s) or pytest.fail(f"{g.sharding} != {s}"), got, shardings)
+        chex.assert_trees_all_equal(jax.device_get(got), want)
+        if not target:  # And back: the plain state saved, restored into the pipeline's layout.
+            ckpt.save(2, got, ema=None, data_state={}, model_config=target_cfg)
+            like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), want, pipelined)
+            back = ckpt.restore(2, like, ema_like=None, model_config=cfg)["state"]
+            chex.assert_trees_all_equal(jax.device_get(back), want)
+    ckpt.close()

@@ -15,9 +15,10 @@ op need a sharding rule, and some we rely on have none (`lax.ragged_dot`, top-k 
 Sharding is declared once: every parameter carries logical axis names (model/), and `logical_rules`
 maps them to mesh axes for a run, from its `config.parallel`: the house rules below, the MoE stack's
 layer axis ('stage') over the pipeline ranks when there is a pipeline, and `parallel.rules` overrides
-(e.g. "vocab=,heads=tensor"). Everything else derives from the resulting parameter shardings: Adam's
-moments add 'data' (ZeRO-1, `opt_state_shardings`), the pipeline splits the MoE stack where the rules
-put it, and the batch is split over BATCH_AXES.
+(e.g. "vocab=,heads=tensor"). Everything else derives from the resulting parameter shardings: with a
+pipeline, the parameters the stages do not own (embedding, head, dense layers, MTP) are split over
+'stage' too, on their first free dimension (train/placement.py); Adam's moments add 'data' (ZeRO-1,
+`opt_state_shardings`); the batch is split over BATCH_AXES.
 """
 
 from __future__ import annotations
@@ -108,21 +109,25 @@ def param_shardings(logical_specs: Any, mesh: Mesh, rules: Rules | None = None) 
     return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
-def zero1_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """`spec` further split over 'data' on the first dimension that can take it (ZeRO-1).
-
-    The dimension must be unsharded and divisible by the 'data' size; leaves with no such dimension
-    (scalars, tiny vectors) stay as they are.
-    """
-    data = mesh.shape["data"]
-    if data == 1:
-        return spec
+def split_free_dim(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, axis: str) -> PartitionSpec:
+    """`spec` further split over mesh `axis` on the first dimension that can take it: unsharded and
+    divisible by the axis size. Leaves with no such dimension (scalars, tiny vectors), and specs that
+    already use `axis`, stay as they are."""
+    size = mesh.shape[axis]
     dims = list(spec) + [None] * (len(shape) - len(spec))
-    for i, (axis, size) in enumerate(zip(dims, shape)):
-        if axis is None and size % data == 0:
-            dims[i] = "data"
+    used = {a for d in dims if d is not None for a in (d if isinstance(d, tuple) else (d,))}
+    if size == 1 or axis in used:
+        return spec
+    for i, (current, length) in enumerate(zip(dims, shape)):
+        if current is None and length % size == 0:
+            dims[i] = axis
             return PartitionSpec(*dims)
     return spec
+
+
+def zero1_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """`spec` further split over 'data' on the first dimension that can take it (ZeRO-1)."""
+    return split_free_dim(spec, shape, mesh, "data")
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any, params_shardings: Any,

@@ -14,10 +14,10 @@ first and last stages of both directions sit on ranks 0 and P-1, so each end hol
 the head, and MTP reuses them in place.
 
 Every rank runs one SPMD program, so the first- and last-stage extras are applied with `lax.cond` on
-the stage index. Memory trade-off: every rank holds the shared parameters and their gradient
-accumulator (the embedding and head are V x D each), and every stash slot has room for the
-residuals of the conditional parts (for the head, logits-sized), although only the end stages use
-them.
+the stage index. Memory trade-off: the trainer stores the shared parameters split over the ranks
+(train/placement.py), but during the step every rank holds them gathered, with their gradient
+accumulator (the embedding and head are V x D each), and every stash slot has room for the residuals
+of the conditional parts (for the head, logits-sized), although only the end stages use them.
 
 Micro-batch m is rows m, m + M, m + 2M, ... of the batch: with the batch's rows split over the data
 shards in contiguous blocks (parallel/mesh.py), every micro-batch is then split the same way with no
@@ -177,11 +177,11 @@ def pipelined_train_step(state: TrainState, batch: Batch, *, cfg: ModelConfig, t
 
 def make_pipelined_step(cfg: ModelConfig, train_cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                         schedule: str, num_ranks: int, num_microbatches: int, recipe: Recipe | None = None,
-                        latency: int = 1, mesh=None):
+                        mesh=None):
     """(state, batch) -> (state, metrics), unjitted, for a training loop: the schedule named
     `schedule` (schedules.SCHEDULES) over `mesh`'s 'stage' axis of `num_ranks` devices, with
     data parallelism over its other axes (default: a 'stage'-only mesh of the first devices)."""
-    plan = build_plan(schedules.make_schedule(schedule, num_ranks, num_microbatches), latency)
+    plan = build_plan(schedules.make_schedule(schedule, num_ranks, num_microbatches))
     check_stages(cfg, plan.schedule.num_stages)
     return functools.partial(pipelined_train_step, cfg=cfg, train_cfg=train_cfg, tx=tx, plan=plan,
                              mesh=execute.make_stage_mesh(num_ranks) if mesh is None else mesh, recipe=recipe)

@@ -4,8 +4,10 @@ Params follow the run's logical-axis rules (parallel/mesh.py: routed experts ove
 widths / vocabulary over 'tensor', replicated over 'data'); with a pipeline, the stacked MoE layers
 [L, ...] are split over 'stage' on L, so each rank stores the layers of its own stages (rank r: stage
 r when there are as many stages as ranks) and the pipeline step fetches the copies its schedule
-places elsewhere (DualPipe's second stage per rank). Adam's moments take their parameter's sharding
-plus 'data' (ZeRO-1); counters and the balancing biases are replicated. The state is created
+places elsewhere (DualPipe's second stage per rank); the other parameters (embedding, head, dense
+layers, MTP) are split over 'stage' on their first free dimension and gathered by the step. Adam's
+moments take their parameter's sharding plus 'data' (ZeRO-1); counters and the balancing biases are
+replicated. The state is created
 by one jitted init whose outputs already have these shardings, so no device ever holds a full
 replicated copy of a sharded leaf.
 """
@@ -37,9 +39,19 @@ def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Me
 
 
 def variable_shardings(cfg: ModelConfig, mesh: Mesh, rules: mesh_lib.Rules | None = None) -> dict:
-    """{'params': by the logical rules, 'routing': replicated} NamedShardings of the model's variables."""
+    """{'params': by the logical rules, 'routing': replicated} NamedShardings of the model's variables.
+
+    With a pipeline, a parameter the rules do not put on 'stage' (everything but the MoE stack, which
+    the stages own) is split over 'stage' on its first free dimension, so no rank stores a whole
+    embedding or head; the pipeline step gathers them where its end stages run them.
+    """
     replicated = NamedSharding(mesh, PartitionSpec())
-    return {"params": mesh_lib.param_shardings(model.logical_axes(cfg)["params"], mesh, rules),
+    params = mesh_lib.param_shardings(model.logical_axes(cfg)["params"], mesh, rules)
+    if mesh.shape["stage"] > 1:
+        params = jax.tree.map(
+            lambda s, a: NamedSharding(mesh, mesh_lib.split_free_dim(s.spec, a.shape, mesh, "stage")), params,
+            model.abstract_variables(cfg)["params"], is_leaf=lambda x: isinstance(x, NamedSharding))
+    return {"params": params,
             "routing": jax.tree.map(lambda _: replicated, model.abstract_variables(cfg)["routing"])}
 
 

@@ -7,20 +7,21 @@ T lock-step ticks, N slots of a buffer, R data shards (the product of the mesh's
         -> PipelineResult(loss, grads {'stage': [S, ...], 'shared': ...}, stats [S, ...])
 
 Inside the shard_map every rank runs the same program: a `lax.scan` over the T ticks of the plan's
-op table (tables.py), so compile time does not depend on M. In each tick a rank
-  1. reads its row of the table (`lax.axis_index('stage')`),
-  2. runs its op with `lax.switch`: idle, F, B, I, W, or an overlapped F&B pair, on module slot k
-     (backward_split.py derives F, B, I, W from the stage function; W contracts what I kept and
-     never redoes the input-gradient chain),
-  3. moves values with explicit `lax.ppermute`s between neighbours, activations and gradients,
-     rightwards and leftwards (DualPipe uses all four channels; a rank sending to itself, as at
-     DualPipeV's turn, writes straight into its own inbox).
-With `latency=1` (the default) the sends are double-buffered: step 3 of tick t moves what tick t-1
-produced, so the `collective-permute`s of a tick depend only on the loop carry, not on the tick's
-compute, and the compute does not depend on them. XLA's asynchronous collective scheduling (GPU,
-TPU) can then run each tick's transfers during its compute; the op table leaves one tick of latency
-for every hop. CPU XLA emits synchronous collective-permutes, so on CPU the overlap exists only in the
-dependency graph (tests/test_execute.py checks it there) and cannot be timed.
+op table (tables.py), so compile time does not depend on M. Each rank reads its row of the table
+(`lax.axis_index('stage')`) and runs the tick's two phases, each with `lax.switch` on its branch
+(backward_split.py derives F, B, I, W from the stage function; W contracts what I kept and never
+redoes the input-gradient chain):
+  forward phase    F (or idle) on module slot k, while explicit `lax.ppermute`s move the previous
+                   backward phase's input gradients to their neighbours; they are stored after it;
+  backward phase   B, I or W (or idle), while `ppermute`s move the forward phase's activations; they
+                   are stored after it.
+Activations and gradients travel rightwards and leftwards (DualPipe uses all four channels; a rank
+sending to itself, as at DualPipeV's turn, writes straight into its own inbox). So in the compiled
+tick every `collective-permute` has a phase's computation that neither feeds it nor consumes it (an
+F&B pair sends F's output while its B computes), XLA's asynchronous collective scheduling (GPU, TPU)
+can overlap them, and a hop still costs one tick. CPU XLA emits synchronous collective-permutes, so
+on CPU the overlap exists only in the dependency graph (tests/test_execute.py checks it there) and
+cannot be timed.
 
 Data parallelism: the mesh's other axes (e.g. 'data') split the rows of every micro-batch, so the
 R devices of one pipeline rank run the same op table on their own rows, each group of P devices with
@@ -35,13 +36,14 @@ stages r and 2P-1-r), fetched from its owner before the first tick by explicit `
 slot and owned position; a rank that owns its slot's stage keeps it in place). Gradients accumulate
 per slot and travel back to the owner the same way after the last tick, where the copies of a stage
 are summed before any optimizer sees them, so the update equals the un-pipelined one.
-`shared_params` (embedding, output head: used by the first and last stages) are replicated on every
-rank, their gradients summed over ranks.
+`shared_params` (embedding, output head: used by the first and last stages) enter the shard_map
+replicated: the trainer stores them split over 'stage' (train/placement.py), so XLA gathers them at
+the shard_map's boundary; their gradients are summed over ranks.
 
 Memory trade-offs of running one SPMD program: every rank allocates every buffer at the largest
 size any rank needs, the residuals of the stage function's conditional parts (first-stage embedding,
-last-stage head) are part of every stash slot, and the shared parameters and their gradient
-accumulators live on all ranks.
+last-stage head) are part of every stash slot, and the gathered shared parameters and their gradient
+accumulators live on all ranks during the step.
 """
 
 from __future__ import annotations
@@ -174,8 +176,8 @@ class _Carry:
     wstash: list  # each [num_wstash, ...]
     act_in: jnp.ndarray  # [num_act_in + 1, *x]  (last slot: discard)
     grad_in: jnp.ndarray  # [num_grad_in + 1, *x]
-    act_out: jnp.ndarray  # [*x] what this rank's F produced (last tick, when double-buffered)
-    grad_out: jnp.ndarray  # [*x] what this rank's B or I produced
+    act_out: jnp.ndarray  # [*x] what this rank's F produced in this tick's forward phase
+    grad_out: jnp.ndarray  # [*x] what this rank's B or I produced in the last backward phase
 
 
 jax.tree_util.register_dataclass(_Carry, data_fields=[f.name for f in dataclasses.fields(_Carry)],
@@ -209,97 +211,95 @@ def _rank_program(plan: Plan, stage_fn, x_aval, owned_params, shared_params, own
         return StageContext(batch=_index(inputs, row_mb), stage=row_stage,
                             stage_consts=_index(slot_consts, slot), consts=consts)
 
-    abstract_ctx = context(jnp.int32(0), jnp.int32(0), jnp.int32(0))
-    params0 = {"stage": _index(slot_params, 0), "shared": shared_params}
-    split = backward_split.split_stage(stage_fn, params0, jnp.zeros(x_aval.shape, x_aval.dtype), abstract_ctx)
-    zero_x = jnp.zeros(x_aval.shape, x_aval.dtype)
-
     def params_of(slot):
         return {"stage": _index(slot_params, slot), "shared": shared_params}
 
-    # The switch sees only this tick's operands (read from the buffers before it) and returns only
-    # this tick's results (written to the buffers after it): the buffers never pass through the
-    # conditional, which would make XLA copy every one of them in every tick.
+    abstract_ctx = context(jnp.int32(0), jnp.int32(0), jnp.int32(0))
+    params0 = params_of(0)
+    zero_x = jnp.zeros(x_aval.shape, x_aval.dtype)
+    split = backward_split.split_stage(stage_fn, params0, zero_x, abstract_ctx)
     stats_avals = jax.eval_shape(lambda: split.forward(params0, zero_x, abstract_ctx)[1])
-    defaults = dict(y=zero_x, d_x=zero_x, loss=jnp.zeros((), jnp.float32), stats=_zeros(stats_avals),
-                    stash=_zeros(list(split.stash_avals)), wstash=_zeros(list(split.wstash_avals)),
-                    d_params=jax.tree.map(jnp.zeros_like, params0))
 
-    def forward(ops, out):
-        (out["y"], out["loss"]), out["stats"], out["stash"] = split.forward(ops["params_f"], ops["x"], ops["ctx_f"])
+    # Each phase's switch sees only that phase's operands (read from the buffers before it) and returns
+    # only its results (written to the buffers after it): the buffers never pass through the
+    # conditional, which would make XLA copy every one of them in every tick.
+    def forward(ops):
+        (y, loss), stats, stash = split.forward(ops["params"], ops["x"], ops["ctx"])
+        return {"y": y, "loss": loss, "stats": stats, "stash": stash}
+
+    def backward(ops, kind):
+        out = {"d_x": zero_x, "wstash": _zeros(list(split.wstash_avals)),
+               "d_params": jax.tree.map(jnp.zeros_like, params0)}
+        if kind == Branch.B:
+            out["d_params"], out["d_x"] = split.backward(ops["params"], ops["ctx"], ops["stash"], ops["ct"])
+        elif kind == Branch.I:
+            out["d_x"], out["wstash"] = split.input_grad(ops["params"], ops["ctx"], ops["stash"], ops["ct"])
+        elif kind == Branch.W:
+            out["d_params"] = split.weight_grad(ops["params"], ops["ctx"], ops["stash"], ops["wstash"])
         return out
 
-    def backward(ops, out, input_only: bool):
-        if input_only:
-            out["d_x"], out["wstash"] = split.input_grad(ops["params_b"], ops["ctx_b"], ops["stash"], ops["ct"])
-        else:
-            out["d_params"], out["d_x"] = split.backward(ops["params_b"], ops["ctx_b"], ops["stash"], ops["ct"])
-        return out
+    forward_idle = jax.eval_shape(forward, {"params": params0, "x": zero_x, "ctx": abstract_ctx})
+    forward_branches = {Branch.IDLE: lambda ops: _zeros(forward_idle), Branch.F: forward}
+    forward_branches = [forward_branches[b] for b in plan.forward_branches]
+    backward_branches = [functools.partial(backward, kind=b) for b in plan.backward_branches]
 
-    def weight(ops, out):
-        out["d_params"] = split.weight_grad(ops["params_b"], ops["ctx_b"], ops["stash"], ops["wstash"])
-        return out
+    def switch_index(used, branch):
+        index = np.zeros(len(Branch), np.int32)
+        index[list(used)] = np.arange(len(used))
+        return jnp.asarray(index)[branch]
 
-    ops = {Branch.IDLE: lambda o, out: out, Branch.F: forward,
-           Branch.B: functools.partial(backward, input_only=False),
-           Branch.I: functools.partial(backward, input_only=True), Branch.W: weight,
-           Branch.FB: lambda o, out: backward(o, forward(o, out), input_only=False),
-           Branch.FI: lambda o, out: backward(o, forward(o, out), input_only=True)}
-    branch_index = np.full(len(Branch), 0, np.int32)
-    branch_index[list(plan.branches)] = np.arange(len(plan.branches))
-    branch_index = jnp.asarray(branch_index)
-    branches = [lambda o, fn=ops[b]: fn(o, dict(defaults)) for b in plan.branches]
-
-    def run_op(c: _Carry, row) -> _Carry:
-        slot_f, slot_b = jnp.maximum(row[Field.F_SLOT], 0), jnp.maximum(row[Field.B_SLOT], 0)
-        src_f, src_b = row[Field.F_IN], row[Field.B_IN]
-        stash_at, wstash_at = jnp.maximum(row[Field.B_STASH], 0), jnp.maximum(row[Field.B_WSTASH], 0)
-        operands = dict(
-            x=jnp.where(src_f >= 0, c.act_in[jnp.maximum(src_f, 0)], zero_x),
-            ct=jnp.where(src_b >= 0, c.grad_in[jnp.maximum(src_b, 0)], zero_x),
-            stash=[b[stash_at] for b in c.stash], wstash=[b[wstash_at] for b in c.wstash],
-            params_f=params_of(slot_f), params_b=params_of(slot_b),
-            ctx_f=context(row[Field.F_MB], row[Field.F_STAGE], slot_f),
-            ctx_b=context(row[Field.B_MB], row[Field.B_STAGE], slot_b))
-        out = lax.switch(branch_index[row[Field.BRANCH]], branches, operands)
-        has_f = row[Field.F_STASH] >= 0
-        has_i = (row[Field.BRANCH] == Branch.I) | (row[Field.BRANCH] == Branch.FI)
-        c.stash = [_masked_set(b, jnp.maximum(row[Field.F_STASH], 0), v, has_f) for b, v in zip(c.stash, out["stash"])]
-        c.wstash = [_masked_set(b, wstash_at, v, has_i) for b, v in zip(c.wstash, out["wstash"])]
+    def forward_phase(c: _Carry, row) -> _Carry:
+        slot, src = jnp.maximum(row[Field.F_SLOT], 0), row[Field.F_IN]
+        operands = dict(x=jnp.where(src >= 0, c.act_in[jnp.maximum(src, 0)], zero_x), params=params_of(slot),
+                        ctx=context(row[Field.F_MB], row[Field.F_STAGE], slot))
+        out = lax.switch(switch_index(plan.forward_branches, row[Field.F_BRANCH]), forward_branches, operands)
+        write = row[Field.F_BRANCH] == Branch.F
+        c.stash = [_masked_set(b, jnp.maximum(row[Field.F_STASH], 0), v, write) for b, v in zip(c.stash, out["stash"])]
         c.loss = c.loss + out["loss"]
-        c.stats = _add(c.stats, slot_f, out["stats"])
-        c.grads_stage = _add(c.grads_stage, slot_b, out["d_params"]["stage"])
+        c.stats = _add(c.stats, slot, out["stats"])
+        c.act_out = out["y"]
+        return c
+
+    def backward_phase(c: _Carry, row) -> _Carry:
+        slot, src = jnp.maximum(row[Field.B_SLOT], 0), row[Field.B_IN]
+        stash_at, wstash_at = jnp.maximum(row[Field.B_STASH], 0), jnp.maximum(row[Field.B_WSTASH], 0)
+        operands = dict(ct=jnp.where(src >= 0, c.grad_in[jnp.maximum(src, 0)], zero_x),
+                        stash=[b[stash_at] for b in c.stash], wstash=[b[wstash_at] for b in c.wstash],
+                        params=params_of(slot), ctx=context(row[Field.B_MB], row[Field.B_STAGE], slot))
+        out = lax.switch(switch_index(plan.backward_branches, row[Field.B_BRANCH]), backward_branches, operands)
+        keep_wstash = row[Field.B_BRANCH] == Branch.I
+        c.wstash = [_masked_set(b, wstash_at, v, keep_wstash) for b, v in zip(c.wstash, out["wstash"])]
+        c.grads_stage = _add(c.grads_stage, slot, out["d_params"]["stage"])
         c.grads_shared = jax.tree.map(jnp.add, c.grads_shared, out["d_params"]["shared"])
-        c.act_out, c.grad_out = out["y"], out["d_x"]
+        c.grad_out = out["d_x"]
         return c
 
     def permute(value, direction):
         pairs = [(r, r + direction) for r in range(num_ranks) if 0 <= r + direction < num_ranks]
         return lax.ppermute(value, AXIS, pairs)
 
-    def send(c: _Carry):
-        """The point-to-point transfers of (c.act_out, c.grad_out): {receiver's field: value}."""
-        return {field: permute(c.act_out if payload == "act" else c.grad_out, direction)
-                for (payload, direction) in plan.channels
-                for field in [CHANNELS[(payload, direction)]]}
+    def send(payload: str, value) -> dict:
+        """The point-to-point transfers of `value` on the schedule's `payload` channels: {receiver's field: value}."""
+        return {CHANNELS[(p, d)]: permute(value, d) for p, d in plan.channels if p == payload}
 
-    def deliver(c: _Carry, row, received) -> _Carry:
+    def deliver(inbox, row, received: dict):
         for field, value in received.items():
-            if field in (Field.ACT_FROM_LEFT, Field.ACT_FROM_RIGHT, Field.ACT_FROM_SELF):
-                c.act_in = lax.dynamic_update_index_in_dim(c.act_in, value, row[field], 0)
-            else:
-                c.grad_in = lax.dynamic_update_index_in_dim(c.grad_in, value, row[field], 0)
-        return c
+            inbox = lax.dynamic_update_index_in_dim(inbox, value, row[field], 0)
+        return inbox
 
     def tick(c: _Carry, rows):
         row = rows[rank]
-        if plan.latency:  # double-buffered: send what the previous tick produced, during this tick
-            received = send(c)
-        c = run_op(c, row)
-        c = deliver(c, row, {Field.ACT_FROM_SELF: c.act_out, Field.GRAD_FROM_SELF: c.grad_out})
-        if not plan.latency:
-            received = send(c)
-        return deliver(c, row, received), None
+        # Forward phase, while the previous tick's gradients travel; they are stored after it.
+        received = send("grad", c.grad_out)
+        received[Field.GRAD_FROM_SELF] = c.grad_out
+        c = forward_phase(c, row)
+        c.grad_in = deliver(c.grad_in, row, received)
+        # Backward phase, while this tick's activations travel; they are stored after it.
+        received = send("act", c.act_out)
+        received[Field.ACT_FROM_SELF] = c.act_out
+        c = backward_phase(c, row)
+        c.act_in = deliver(c.act_in, row, received)
+        return c, None
 
     num_slots = plan.num_slots
     carry = _Carry(
@@ -325,13 +325,13 @@ def pipeline_gradients(plan: Plan | Any, stage_fn, stage_params, shared_params, 
     """Loss, gradients and stats of M micro-batches through S stages, run as `plan` schedules them.
 
     Args:
-      plan: a `tables.Plan` (or a `Schedule`, planned with the default latency).
+      plan: a `tables.Plan` (or a `Schedule`, planned by `tables.build_plan`).
       stage_fn: `stage_fn(params, x, ctx) -> ((y, loss), stats)`, params = {'stage': one stage's
         slice of `stage_params`, 'shared': `shared_params`}, ctx a `StageContext`. Every stage runs
         the same function; it reads `ctx.stage` for first/last-stage extras (the first stage gets
         x = 0, the last stage's y gets a zero gradient).
       stage_params: pytree of [S, ...] arrays.
-      shared_params: pytree used by any stage (replicated on every rank).
+      shared_params: pytree used by any stage (gathered onto every rank for the step).
       inputs: pytree of [M, b, ...] arrays, micro-batch g = direction * (M / directions) + m; the b rows
         are split over the mesh's other axes (data parallelism), so b must be a multiple of R.
       mesh: a mesh with a 'stage' axis of size P (e.g. `make_stage_mesh(P)`), possibly with more axes

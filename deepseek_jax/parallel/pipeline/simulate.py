@@ -69,7 +69,7 @@ class CostModel:
 
     @classmethod
     def unit(cls) -> CostModel:
-        """Every op, the pair included, takes one tick; no latency (the executor's lock-step view)."""
+        """Every op, the pair included, takes one tick; no latency (`tick_table`'s view)."""
         return cls(forward=1, backward=1, weight_grad=1, input_grad=1, overlapped=1)
 
     def duration(self, op: Op) -> float:
@@ -192,12 +192,12 @@ def simulate(schedule: Schedule, cost: CostModel) -> Timeline:
         total_time=total,
         busy=busy,
         bubble=tuple(total - b for b in busy),
-        peak_activations=tuple(_peak_activations(rank_ops) for rank_ops in timed),
+        peak_activations=tuple(peak_activations(rank_ops) for rank_ops in timed),
         parameter_copies=tuple(len(held) for held in schedule.modules),
     )
 
 
-def _peak_activations(rank_ops: list[TimedOp]) -> int:
+def peak_activations(rank_ops: list[TimedOp]) -> int:
     """Most activation units live at once (allocated at F start, freed at the end of B or W)."""
     events = []  # (time, +1/-1); at equal times frees sort first, so back-to-back ops do not overlap
     for t in rank_ops:
@@ -214,13 +214,12 @@ def _peak_activations(rank_ops: list[TimedOp]) -> int:
 
 
 def tick_table(schedule: Schedule, latency: int = 0) -> tuple[tuple[Op | None, ...], ...]:
-    """[tick][rank] -> the op each rank runs in lock-step tick t (None = idle).
+    """[tick][rank] -> the op each rank runs in one-op-per-tick lock step (None = idle).
 
-    Every op takes one tick. A value crossing ranks is usable `latency` ticks after the tick that
-    produced it ends (0: from the next tick on; 1: the executor sends it during the next tick, in
-    parallel with that tick's compute); a hand-off inside a rank is usable from the next tick on.
-    So an executor that runs tick t's ops and then moves the outputs between ranks, taking
-    `latency` ticks for a move, respects every dependency.
+    The executor's tables before its ticks had two phases (tables.py), kept to compare against: every
+    op takes one tick; a value crossing ranks is usable `latency` ticks after the tick that produced it
+    ends (0: from the next tick on, the sends after the compute; 1: sent during the next tick, in
+    parallel with its compute); a hand-off inside a rank is usable from the next tick on.
     """
     cost = dataclasses.replace(CostModel.unit(), p2p_latency=float(latency))
     timeline = simulate(schedule, cost)
@@ -229,3 +228,8 @@ def tick_table(schedule: Schedule, latency: int = 0) -> tuple[tuple[Op | None, .
         for t in rank_ops:
             table[int(t.start)][r] = t.op
     return tuple(tuple(row) for row in table)
+
+
+def tick_table_makespan(ticks: tuple[tuple[Op | None, ...], ...], cost: CostModel) -> float:
+    """The time of a `tick_table` run in lock step: each tick as long as its slowest rank's op."""
+    return sum(max((cost.duration(op) if op is not None else 0.0) for op in row) for row in ticks)

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.model.experts import dense_dispatch
-from deepseek_jax.parallel.expert_parallel import capacity, ep_dispatch
+from deepseek_jax.parallel.expert_parallel import ExpertParallelInShardMap, capacity, ep_dispatch
 
 AXES = ("stage", "data", "expert", "tensor")
 D, F = 8, 4
@@ -119,6 +119,31 @@ def test_capacity_drops_match_numpy(mesh_name, capacity_factor, routing):
     with jax.set_mesh(make_mesh(shape)):
         y, dropped = jax.jit(lambda *a: ep_dispatch(*a, capacity_factor=capacity_factor))(x, weights, idx, w)
     assert float(dropped) == (~kept).sum()
+    want = jax.jit(dense_dispatch)(x, np.where(kept, weights, 0), idx, w)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
+def test_dispatch_inside_a_shard_map_matches_numpy(capacity_factor):
+    """The dispatch a pipeline stage runs (already inside a shard_map: its rows, its E/ep experts): the
+    same kept pairs as the NumPy rule, per device, and the dense output of those pairs."""
+    N, E, K = 64, 16, 2
+    shape = MESHES["data2_expert4"]
+    ep, shards = shape[2], shape[1] * shape[2]
+    weights, idx = random_routing(N, K, list(range(E)), seed=4)
+    idx[: 3 * N // 4] = [[4 + t % 4, 4 + (t + 1) % 4] for t in range(3 * N // 4)]  # Overload device 1.
+    C = capacity(N // shards, K, E // ep, ep, capacity_factor)
+    kept = numpy_drops(idx, E, ep, shards, C)
+    assert (~kept).sum() > 0 if capacity_factor else (~kept).sum() == 0
+    x, w, _ = problem(N, E)
+    dispatch = ExpertParallelInShardMap(ep=ep, capacity_factor=capacity_factor)
+    assert dispatch.experts_held(E) == E // ep
+    tokens, experts = P(("data", "expert")), P("expert")
+    body = jax.shard_map(lambda *a: (lambda y, d: (y, d[None]))(*dispatch(a[0], a[1], a[2], a[3:], None)),
+                         mesh=make_mesh(shape), in_specs=(tokens, tokens, tokens, experts, experts, experts),
+                         out_specs=(tokens, tokens), axis_names=frozenset({"data", "expert"}))
+    y, dropped = jax.jit(body)(x, weights, idx, *w)
+    assert dropped.shape == (shards,) and float(dropped.sum()) == (~kept).sum()
     want = jax.jit(dense_dispatch)(x, np.where(kept, weights, 0), idx, w)
     np.testing.assert_allclose(np.asarray(y), np.asarray(want), atol=1e-5, rtol=1e-5)
 

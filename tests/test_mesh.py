@@ -137,9 +137,10 @@ def test_batch_and_mesh_errors_name_the_fields(tmp_path):
     bad.parallel.update(stage=8, pipeline="1f1b", microbatches=4)
     with pytest.raises(ValueError, match=r"parallel.stage/data/expert/tensor=\(8, 2, 1, 1\)"):
         validate_run_config(bad)
-    bad.parallel.update(stage=2, expert=2)
-    with pytest.raises(ValueError, match="parallel.expert/tensor.*data parallelism"):
+    bad.parallel.update(stage=2, tensor=2)
+    with pytest.raises(ValueError, match="parallel.tensor.*not with tensor parallelism"):
         validate_run_config(bad)
+    bad.parallel.update(tensor=1)
     bad.parallel.update(expert=1, microbatches=bad.data.batch_size)  # Micro-batches of 1 row over 2 shards.
     with pytest.raises(ValueError, match="parallel.microbatches.*split over parallel.data=2"):
         validate_run_config(bad)
@@ -275,7 +276,7 @@ def test_pipelined_checkpoints_restore_onto_a_plain_mesh_and_back(tmp_path):
     ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "ckpt"), keep=2, async_save=False)
     ckpt.save(1, state, ema=None, data_state={}, model_config=cfg)
     want = jax.device_get(state)
-    for target in (dict(), dict(data=2, expert=4), dict(stage=2, data=2)):
+    for target in (dict(), dict(data=2, expert=4), dict(stage=2, data=2), dict(stage=2, expert=4)):
         target_cfg, _, shardings = layout(**target)
         like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), want, shardings)
         got = ckpt.restore(1, like, ema_like=None, model_config=target_cfg)["state"]

@@ -308,19 +308,29 @@ def test_fine_tune_starts_from_a_training_run(full_run, tmp_path):
 
 def test_pipelined_data_parallel_run_matches_the_unpipelined_one(tmp_path):
     """`--config.parallel.stage=2 --config.parallel.data=2 --config.parallel.pipeline=dualpipe` trains
-    the same model as one device: losses and validation."""
+    the same model as one device: losses and validation; and so does stage=2 x data=2 x expert=2 (each
+    stage's experts split over 'expert', reached by all-to-all inside the pipeline)."""
     losses, summaries = {}, {}
-    for stage, data in ((1, 1), (2, 2)):
-        c = micro_run_config(tmp_path / str(stage), steps=2, eval_every=100, ema_decay=0.0)
+    for stage, data, expert in ((1, 1, 1), (2, 2, 1), (2, 2, 2)):
+        name = f"{stage}{data}{expert}"
+        c = micro_run_config(tmp_path / name, steps=2, eval_every=100, ema_decay=0.0)
         c.model.num_hidden_layers = 3  # Two MoE layers: one per pipeline stage.
-        c.data.batch_size = 8  # 4 micro-batches of 2 rows, one per data shard.
-        c.parallel.update(stage=stage, data=data, pipeline="dualpipe", microbatches=4)
-        summaries[stage] = train_and_evaluate(c, str(tmp_path / str(stage) / "run"))
-        losses[stage] = {s: float(v) for s, v in losses_by_step(str(tmp_path / str(stage) / "run")).items()}
-    assert losses[1].keys() == losses[2].keys() == {1, 2}
-    for s in losses[1]:
-        assert losses[2][s] == pytest.approx(losses[1][s], rel=1e-5)
-    assert summaries[2]["final_eval_bpb"] == pytest.approx(summaries[1]["final_eval_bpb"], rel=1e-5)
+        c.data.batch_size = 16 if expert > 1 else 8  # 4 micro-batches, one row per data x expert shard.
+        c.parallel.update(stage=stage, data=data, expert=expert, pipeline="dualpipe", microbatches=4)
+        summaries[name] = train_and_evaluate(c, str(tmp_path / name / "run"))
+        losses[name] = {s: float(v) for s, v in losses_by_step(str(tmp_path / name / "run")).items()}
+    assert losses["111"].keys() == losses["221"].keys() == {1, 2}
+    for s in losses["111"]:
+        assert losses["221"][s] == pytest.approx(losses["111"][s], rel=1e-5)
+    assert summaries["221"]["final_eval_bpb"] == pytest.approx(summaries["111"]["final_eval_bpb"], rel=1e-5)
+    # The expert-parallel pipeline ran a batch twice as large: compare it with one device on that batch.
+    c = micro_run_config(tmp_path / "111b", steps=2, eval_every=100, ema_decay=0.0)
+    c.model.num_hidden_layers = 3
+    c.data.batch_size = 16
+    one = train_and_evaluate(c, str(tmp_path / "111b" / "run"))
+    for s, value in losses_by_step(str(tmp_path / "111b" / "run")).items():
+        assert losses["222"][s] == pytest.approx(float(value), rel=1e-5)
+    assert summaries["222"]["final_eval_bpb"] == pytest.approx(one["final_eval_bpb"], rel=1e-5)
 
 
 def test_bad_pipeline_config_is_named(tmp_path):

@@ -40,7 +40,11 @@ ExpertWeights = tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]  # gate [E,D,F], up
 
 class Dispatch(Protocol):
     """An expert dispatch the caller injects (`moe_dispatch='ep'`): the routed experts' output and the
-    (token, expert) pairs it dropped, of global tokens x [N, D] routed with weights, indices [N, K]."""
+    (token, expert) pairs it dropped, of tokens x [N, D] routed with weights, indices [N, K] (global
+    expert ids), with the expert weights the module holds: `experts_held(E)` of the E experts (all of
+    them, or a device's slice when the caller already runs per device)."""
+
+    def experts_held(self, num_experts: int) -> int: ...
 
     def __call__(self, x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray, w: ExpertWeights,
                  recipe: Recipe | None) -> tuple[jnp.ndarray, jnp.ndarray]: ...
@@ -132,7 +136,13 @@ class RoutedExperts(nn.Module):
     def __call__(self, x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray
                  ) -> tuple[jnp.ndarray, jnp.ndarray]:
         cfg = self.cfg
-        E, D, F = cfg.n_routed_experts, x_ND.shape[-1], cfg.moe_intermediate_size
+        D, F = x_ND.shape[-1], cfg.moe_intermediate_size
+        injected = cfg.moe_dispatch == "ep" and not self.is_initializing()
+        if injected and self.dispatch is None:
+            raise ValueError("moe_dispatch='ep' runs the expert-parallel dispatch its caller injects "
+                             "(parallel.expert_parallel.ExpertParallel, which train/ passes for you); none was "
+                             "given: pass dispatch=..., or use a local moe_dispatch ('ragged', 'dense', 'gather')")
+        E = self.dispatch.experts_held(cfg.n_routed_experts) if injected else cfg.n_routed_experts
         chex.assert_shape(x_ND, (None, D))
         chex.assert_equal_shape([weights_NK, indices_NK])
         check_recipe(self.recipe, "RoutedExperts")
@@ -146,11 +156,7 @@ class RoutedExperts(nn.Module):
         w = (gate.astype(dtype), up.astype(dtype), down.astype(dtype))
         x = jnp.asarray(x_ND, dtype)
         dropped = jnp.zeros((), jnp.float32)
-        if cfg.moe_dispatch == "ep" and not self.is_initializing():
-            if self.dispatch is None:
-                raise ValueError("moe_dispatch='ep' runs the expert-parallel dispatch its caller injects "
-                                 "(parallel.expert_parallel.ExpertParallel, which train/ passes for you); none was "
-                                 "given: pass dispatch=..., or use a local moe_dispatch ('ragged', 'dense', 'gather')")
+        if injected:
             return self.dispatch(x, weights_NK, indices_NK, w, self.recipe)
         if cfg.moe_dispatch in ("ragged", "ep"):  # 'ep' here only while initialising.
             return ragged_dispatch(x, weights_NK, indices_NK, w, self.recipe), dropped

@@ -7,7 +7,9 @@ implementation is injected into the model (`implementation`), as the FP8 recipe 
     training_model_config  the trainer's model: 'ep' whenever the batch is split over devices (the
                            capacity factor from config.parallel), node-limited routing if asked for
     inside_pipeline        a pipeline stage, already inside the pipeline's shard_map: each device
-                           routes its own rows ('ragged')
+                           routes its own rows ('ragged') ...
+    pipeline_experts       ... but the MoE stack's experts, split over 'expert' within the stage, are
+                           reached by all-to-all from there (expert parallelism inside the pipeline)
     for_evaluation         validation never drops tokens (capacity factor 0)
     for_one_device         the end-of-run sample, on one device ('ragged')
     for_decoding           a decoding pass over few tokens gathers only its experts' weights ('gather')
@@ -20,7 +22,7 @@ import ml_collections
 from deepseek_jax.checks import need
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.experts import Dispatch
-from deepseek_jax.parallel.expert_parallel import ExpertParallel
+from deepseek_jax.parallel.expert_parallel import ExpertParallel, ExpertParallelInShardMap
 
 
 def implementation(cfg: ModelConfig) -> Dispatch | None:
@@ -55,6 +57,15 @@ def inside_pipeline(cfg: ModelConfig) -> ModelConfig:
     if cfg.moe_dispatch == "ep":
         return cfg.replace(moe_dispatch="ragged", moe_capacity_factor=0.0)
     return cfg
+
+
+def pipeline_experts(cfg: ModelConfig, expert_devices: int) -> tuple[ModelConfig, Dispatch | None]:
+    """The MoE stack's (config, injected dispatch) in a pipeline stage whose experts are split over
+    `expert_devices` devices of the 'expert' axis (1: no expert parallelism, `inside_pipeline`)."""
+    if expert_devices == 1 or not cfg.n_routed_experts:
+        return inside_pipeline(cfg), None
+    return (cfg.replace(moe_dispatch="ep"),
+            ExpertParallelInShardMap(ep=expert_devices, capacity_factor=cfg.moe_capacity_factor))
 
 
 def for_evaluation(cfg: ModelConfig) -> ModelConfig:

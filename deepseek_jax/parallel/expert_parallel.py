@@ -105,7 +105,7 @@ def _device_dispatch(x_nD, weights_nK, indices_nK, gate, up, down, *, ep: int, C
     back_RD = to_experts(out_RD)  # Block i returns to device i: the all_to_all is its own inverse.
     out_nKD = jnp.take(back_RD, slot_M, axis=0, mode="fill", fill_value=0).reshape(n, K, -1)
     y_nD = jnp.einsum("nK,nKD->nD", weights_nK.astype(out_nKD.dtype), out_nKD).astype(x_nD.dtype)
-    return y_nD, jax.lax.psum(dropped, token_axes)
+    return y_nD, jax.lax.psum(dropped, token_axes) if token_axes else dropped
 
 
 def ep_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray, w: ExpertWeights, *,
@@ -164,7 +164,34 @@ class ExpertParallel:
     axis: str = "expert"
     batch_axes: tuple[str, ...] = BATCH_AXES
 
+    def experts_held(self, num_experts: int) -> int:
+        return num_experts  # The global experts; the shard_map splits them.
+
     def __call__(self, x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.ndarray, w: ExpertWeights,
                  recipe: Recipe | None) -> tuple[jnp.ndarray, jnp.ndarray]:
         return ep_dispatch(x_ND, weights_NK, indices_NK, w, capacity_factor=self.capacity_factor, axis=self.axis,
                            batch_axes=self.batch_axes, recipe=recipe)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallelInShardMap:
+    """The same dispatch for a caller already inside a shard_map with `axis` manual (a pipeline stage,
+    train/pipelined.py): the module holds this device's E/ep experts and routes this device's rows; the
+    dropped pairs it returns are this device's (the caller sums them with the other stats)."""
+
+    ep: int
+    capacity_factor: float = 0.0
+    axis: str = "expert"
+
+    def experts_held(self, num_experts: int) -> int:
+        if num_experts % self.ep:
+            raise ValueError(f"{num_experts} experts do not split over the {self.ep} devices of mesh axis "
+                             f"'{self.axis}': use a divisor of the routed experts for parallel.expert")
+        return num_experts // self.ep
+
+    def __call__(self, x_nD: jnp.ndarray, weights_nK: jnp.ndarray, indices_nK: jnp.ndarray, w: ExpertWeights,
+                 recipe: Recipe | None) -> tuple[jnp.ndarray, jnp.ndarray]:
+        n, K = indices_nK.shape
+        C = capacity(n, K, w[0].shape[0], self.ep, self.capacity_factor)
+        return _device_dispatch(x_nD, weights_nK, indices_nK, *w, ep=self.ep, C=C, axis=self.axis, token_axes=(),
+                                recipe=recipe)

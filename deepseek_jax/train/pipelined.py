@@ -33,18 +33,22 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
+from deepseek_jax import model as model_lib
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.layers import compute_dtype
 from deepseek_jax.model.names import MOE
 from deepseek_jax.model.transformer import DeepSeekV3, layer_stack
 from deepseek_jax.ops.recipe import Recipe
 from deepseek_jax.parallel import dispatch
+from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel.pipeline import execute, schedules
 from deepseek_jax.parallel.pipeline.tables import Plan, build_plan
 from deepseek_jax.train import losses
@@ -79,8 +83,10 @@ def _weighted(stats: dict, batch_fraction: float) -> dict:
 
 
 def make_stage_fn(cfg: ModelConfig, num_stages: int, batch_fraction: float, balance_alpha: float,
-                  recipe: Recipe | None = None):
-    """The stage function for `execute.pipeline_gradients` (see the module docstring).
+                  recipe: Recipe | None = None, expert_devices: int = 1):
+    """The stage function for `execute.pipeline_gradients` (see the module docstring). With
+    `expert_devices` > 1 the MoE stack's experts are split over the mesh's 'expert' axis within each
+    stage (`stage_specs`) and reached by all-to-all; everything else runs on each device's rows.
 
     ctx.batch: {'tokens', 'positions', 'segment_ids'} [b, T]; ctx.stage_consts: the stage's routing;
     ctx.consts: {'routing': shared routing, 'main_count': [], 'mtp_counts': [K], 'mtp_weight': []}.
@@ -88,9 +94,10 @@ def make_stage_fn(cfg: ModelConfig, num_stages: int, batch_fraction: float, bala
     x b/B), 'head': {'terms': LossTerms, 'mtp_k': router stats}}.
     """
     check_stages(cfg, num_stages)
+    stack_cfg, experts = dispatch.pipeline_experts(cfg, expert_devices)
     cfg = dispatch.inside_pipeline(cfg)
     model = DeepSeekV3(cfg, recipe=recipe)
-    stack = layer_stack(cfg, MOE, cfg.num_moe_layers // num_stages, recipe=recipe)
+    stack = layer_stack(stack_cfg, MOE, cfg.num_moe_layers // num_stages, recipe=recipe, dispatch=experts)
     num_balanced = losses.num_balanced_layers(cfg)
     dtype = compute_dtype(cfg)
 
@@ -127,6 +134,15 @@ def make_stage_fn(cfg: ModelConfig, num_stages: int, batch_fraction: float, bala
     return stage_fn
 
 
+def stage_specs(cfg: ModelConfig, mesh) -> dict:
+    """PartitionSpecs of the stage parameters [S, L/S, ...] after the stage axis: the MoE stack's logical
+    rules (parallel/mesh.py) without its layer axis, so the routed experts are split over 'expert'."""
+    rules = mesh_lib.logical_rules(mesh.shape[execute.AXIS])
+    logical = model_lib.logical_axes(cfg)["params"][MOE]
+    to_mesh = lambda spec: P(None, *nn.logical_to_mesh_axes(tuple(spec)[1:], rules))  # noqa: E731
+    return jax.tree.map(to_mesh, logical, is_leaf=lambda x: isinstance(x, P))
+
+
 def pipelined_grads(params, routing, batch: Batch, step, *, cfg: ModelConfig, train_cfg: ml_collections.ConfigDict,
                     plan: Plan, mesh, recipe: Recipe | None = None):
     """(grads, (metrics, router_stats)) as `jax.grad(step.loss_and_metrics, has_aux=True)` gives them."""
@@ -147,10 +163,12 @@ def pipelined_grads(params, routing, batch: Batch, step, *, cfg: ModelConfig, tr
     if (B // M) % shards:
         raise ValueError(f"micro-batches of {B // M} rows do not split over {shards} data shards; make "
                          f"config.data.batch_size a multiple of config.parallel.microbatches x parallel.data")
-    stage_fn = make_stage_fn(cfg, S, 1.0 / (M * shards), train_cfg.balance_alpha, recipe)
+    expert_devices = dict(mesh.shape).get("expert", 1)
+    stage_fn = make_stage_fn(cfg, S, 1.0 / (M * shards), train_cfg.balance_alpha, recipe, expert_devices)
     x_aval = jax.ShapeDtypeStruct((B // M, T, cfg.hidden_size), compute_dtype(cfg))
     result = execute.pipeline_gradients(plan, stage_fn, stage_params, shared_params, inputs, mesh=mesh,
-                                        x_aval=x_aval, stage_consts=stage_routing, consts=consts)
+                                        x_aval=x_aval, stage_consts=stage_routing, consts=consts,
+                                        stage_specs=stage_specs(cfg, mesh) if expert_devices > 1 else None)
     grads = merge_stage_tree(result.grads["stage"], result.grads["shared"])
     head = jax.tree.map(lambda a: a.sum(0), result.stats["head"])  # Zero but for the last stage's.
     router_stats = {MOE: jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), result.stats["layers"])}

@@ -59,13 +59,15 @@ def validate_parallel_config(config: ml_collections.ConfigDict, cfg: ModelConfig
     mesh_lib.run_rules(p)  # Unknown names or axes in parallel.rules fail here.
     if p.stage == 1:
         return
-    need(p.expert == p.tensor == 1, "parallel.expert/tensor", (p.expert, p.tensor),
-         "the pipeline (parallel.stage > 1) combines with data parallelism (parallel.data) only: set them to 1.")
+    need(p.tensor == 1, "parallel.tensor", p.tensor,
+         "the pipeline (parallel.stage > 1) combines with data and expert parallelism, not with tensor "
+         "parallelism (its stages would need tensor-parallel collectives inside the pipeline's shard_map): set "
+         "it to 1.")
     need(p.pipeline in SCHEDULES, "parallel.pipeline", p.pipeline, f"use one of {sorted(SCHEDULES)}.")
-    need(is_int(p.microbatches) and p.microbatches >= 1 and config.data.batch_size % (p.microbatches * p.data) == 0,
+    need(is_int(p.microbatches) and p.microbatches >= 1 and config.data.batch_size % (p.microbatches * shards) == 0,
          "parallel.microbatches", p.microbatches,
-         f"every micro-batch is split over parallel.data={p.data}: use a divisor of "
-         f"data.batch_size / parallel.data = {config.data.batch_size / p.data:g}.")
+         f"every micro-batch is split over parallel.data={p.data} x parallel.expert={p.expert}: use a divisor of "
+         f"data.batch_size / {shards} = {config.data.batch_size / shards:g}.")
     stages = 2 * p.stage if p.pipeline == "dualpipev" else p.stage
     need(cfg.num_moe_layers % stages == 0, "parallel.stage", p.stage,
          f"the {cfg.num_moe_layers} MoE layers must split evenly into {stages} pipeline stages.")

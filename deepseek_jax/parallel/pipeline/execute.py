@@ -96,12 +96,21 @@ def make_stage_mesh(num_ranks: int, devices=None) -> jax.sharding.Mesh:
 
 
 def _place(tree, mesh, spec):
-    """Lays `tree` out as `spec` on `mesh` (reshard on Explicit axes, a constraint on Auto ones)."""
-    sharding = NamedSharding(mesh, spec)
+    """Lays `tree` out as `spec` (one PartitionSpec, or a tree of them matching `tree`) on `mesh`
+    (reshard on Explicit axes, a constraint on Auto ones)."""
     explicit = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
-    place = (lambda a: jax.sharding.reshard(a, sharding)) if explicit else (
-        lambda a: lax.with_sharding_constraint(a, sharding))
-    return jax.tree.map(place, tree)
+
+    def place(a, leaf_spec):
+        sharding = NamedSharding(mesh, leaf_spec)
+        return jax.sharding.reshard(a, sharding) if explicit else lax.with_sharding_constraint(a, sharding)
+
+    specs = spec if not isinstance(spec, P) else jax.tree.map(lambda _: spec, tree)
+    return jax.tree.map(place, tree, specs, is_leaf=lambda x: x is None)
+
+
+def _axes_of(spec: P) -> set[str]:
+    """The mesh axes a PartitionSpec splits over."""
+    return {a for d in spec if d is not None for a in (d if isinstance(d, tuple) else (d,))}
 
 
 def _slot_routes(modules: np.ndarray, per_rank: int):
@@ -195,11 +204,12 @@ def data_shards(mesh) -> int:
 
 
 def _rank_program(plan: Plan, stage_fn, x_aval, owned_params, shared_params, owned_consts, inputs, consts,
-                  row_axes: tuple[str, ...]):
+                  row_axes: tuple[str, ...], stage_specs):
     """The shard_map body: one rank's T ticks on its rows, between fetching its slots' stage params
     (and consts) from their owners and returning the slots' gradients and stats to them. Returns the
     loss, the owned stages' gradients and stats, and the shared gradients, summed over the data shards
-    (`row_axes`) and, for the loss and shared gradients, over the ranks."""
+    (`row_axes`; a stage parameter split over some of them, such as experts over 'expert', only over
+    the others) and, for the loss and shared gradients, over the ranks."""
     num_ranks = plan.schedule.num_ranks
     modules = np.asarray(plan.schedule.modules, np.int32)  # [P, K]
     per_rank = plan.schedule.num_stages // num_ranks
@@ -313,15 +323,21 @@ def _rank_program(plan: Plan, stage_fn, x_aval, owned_params, shared_params, own
         grad_in=jnp.zeros((plan.num_grad_in + 1,) + x_aval.shape, x_aval.dtype),
         act_out=zero_x, grad_out=zero_x)
     carry, _ = lax.scan(tick, carry, table)
-    over_rows = (lambda tree: lax.psum(tree, row_axes)) if row_axes else (lambda tree: tree)  # noqa: E731
-    to_owners = lambda tree: _return_slots(over_rows(tree), modules, per_rank)  # noqa: E731
+
+    def over_rows(leaf, spec=None):
+        axes = tuple(a for a in row_axes if spec is None or a not in _axes_of(spec))
+        return lax.psum(leaf, axes) if axes else leaf
+
+    grads_stage = jax.tree.map(over_rows, carry.grads_stage, stage_specs)
+    stats = jax.tree.map(over_rows, carry.stats)
     everywhere = (AXIS,) + row_axes
-    return (lax.psum(carry.loss, everywhere), to_owners(carry.grads_stage),
-            lax.psum(carry.grads_shared, everywhere), to_owners(carry.stats))
+    return (lax.psum(carry.loss, everywhere), _return_slots(grads_stage, modules, per_rank),
+            lax.psum(carry.grads_shared, everywhere), _return_slots(stats, modules, per_rank))
 
 
 def pipeline_gradients(plan: Plan | Any, stage_fn, stage_params, shared_params, inputs, *, mesh,
-                       x_aval: jax.ShapeDtypeStruct, stage_consts=None, consts=None) -> PipelineResult:
+                       x_aval: jax.ShapeDtypeStruct, stage_consts=None, consts=None,
+                       stage_specs=None) -> PipelineResult:
     """Loss, gradients and stats of M micro-batches through S stages, run as `plan` schedules them.
 
     Args:
@@ -340,6 +356,9 @@ def pipeline_gradients(plan: Plan | Any, stage_fn, stage_params, shared_params, 
         ([b, ...]; each device passes its [b / R, ...]).
       stage_consts: pytree of [S, ...] arrays, not differentiated (e.g. routing biases).
       consts: pytree passed to every stage call, not differentiated.
+      stage_specs: pytree like `stage_params` of PartitionSpecs for each leaf's dims after the stage
+        axis, over the mesh's other axes (e.g. routed experts over 'expert'): the stage function then
+        sees its slice and communicates within its rank's devices itself; default: replicated.
 
     Call it under `jax.jit`.
     """
@@ -363,20 +382,23 @@ def pipeline_gradients(plan: Plan | Any, stage_fn, stage_params, shared_params, 
     local_x = jax.ShapeDtypeStruct((x_aval.shape[0] // rows,) + tuple(x_aval.shape[1:]), x_aval.dtype)
     stage_consts = {} if stage_consts is None else stage_consts
     consts = {} if consts is None else consts
-    stage_params, stage_consts = _place((stage_params, stage_consts), mesh, P(AXIS))  # S/P stages per rank
+    stage_specs = jax.tree.map(lambda _: P(), stage_params) if stage_specs is None else stage_specs
+    param_specs = jax.tree.map(lambda spec: P(AXIS, *spec), stage_specs, is_leaf=lambda x: isinstance(x, P))
+    stage_params = _place(stage_params, mesh, param_specs)  # S/P stages per rank, each maybe split further
+    stage_consts = _place(stage_consts, mesh, P(AXIS))
     shared_params, consts = _place((shared_params, consts), mesh, P())
     rows_spec = P(None, row_axes or None)  # [M, b, ...]: rows split over the data shards.
     inputs = _place(inputs, mesh, rows_spec)
 
     def body(owned_params, shared_params, owned_consts, inputs, consts):
         return _rank_program(plan, stage_fn, local_x, owned_params, shared_params, owned_consts, inputs, consts,
-                             row_axes)
+                             row_axes, stage_specs)
 
     # Every axis manual: the data shards are explicit too, so the stage function sees plain local
     # arrays and the only collectives are the ppermutes and the final sums. check_vma=False: values are
     # replicated or varying by construction (the loop carry starts replicated and becomes per-rank),
     # and nothing here is differentiated through the shard_map.
-    run = jax.shard_map(body, mesh=mesh, in_specs=(P(AXIS), P(), P(AXIS), rows_spec, P()),
-                        out_specs=(P(), P(AXIS), P(), P(AXIS)), axis_names=set(mesh.axis_names), check_vma=False)
+    run = jax.shard_map(body, mesh=mesh, in_specs=(param_specs, P(), P(AXIS), rows_spec, P()),
+                        out_specs=(P(), param_specs, P(), P(AXIS)), axis_names=set(mesh.axis_names), check_vma=False)
     loss, stage_grads, shared_grads, stage_stats = run(stage_params, shared_params, stage_consts, inputs, consts)
     return PipelineResult(loss=loss, grads={"stage": stage_grads, "shared": shared_grads}, stats=stage_stats)

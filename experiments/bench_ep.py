@@ -53,7 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from ep_traffic import dispatch_bytes, payload_rows  # noqa: E402
+from ep_traffic import dispatch_bytes, payload_rows, pipelined_step_bytes  # noqa: E402
 
 from deepseek_jax import defaults, model  # noqa: E402
 from deepseek_jax.model import moe  # noqa: E402
@@ -61,8 +61,11 @@ from deepseek_jax.model.config import ModelConfig  # noqa: E402
 from deepseek_jax.parallel import expert_parallel as ep_lib  # noqa: E402
 from deepseek_jax.parallel import mesh as mesh_lib  # noqa: E402
 from deepseek_jax.parallel.dispatch import training_model_config  # noqa: E402
+from deepseek_jax.parallel.pipeline import schedules  # noqa: E402
+from deepseek_jax.parallel.pipeline.tables import build_plan  # noqa: E402
 from deepseek_jax.train import placement  # noqa: E402
 from deepseek_jax.train import step as step_lib  # noqa: E402
+from deepseek_jax.train.memory import plan_memory  # noqa: E402
 from deepseek_jax.train.optimizer import make_optimizer  # noqa: E402
 from deepseek_jax.train.validation import validate_run_config  # noqa: E402
 
@@ -230,6 +233,47 @@ def _payload(row: dict, key: str = "payload") -> float:
     return row["analytic_uniform"][key]
 
 
+# ------------------------------------------------------------------------------------------- pipelined step
+
+
+def _pipelined_layouts() -> dict:
+    """configs/v3_layout.py as it trains here, and DeepSeek-V3 on its 2048-device layout (4096-token rows,
+    one per device per micro-batch), dropless and with capacity factor 1."""
+    layouts = {"tiny (v3_layout: 2 x 2 x 2, DualPipe, 4 micro-batches)": defaults.load_config(
+        str(ROOT / "configs" / "v3_layout.py"))}
+    for cf in (0.0, 1.0):
+        v3 = defaults.load_config(str(ROOT / "configs" / "deepseek_v3.py"))
+        v3.data.update(seq_len=4096, batch_size=15360)
+        v3.parallel.update(stage=16, expert=64, data=2, pipeline="dualpipe", microbatches=120, capacity_factor=cf)
+        layouts[f"DeepSeek-V3 (16 x 64 x 2, DualPipe, 120 micro-batches), {'dropless' if cf == 0 else 'cf 1'}"] = v3
+    return layouts
+
+
+def pipelined_bytes() -> list[dict]:
+    """Bytes one device sends per pipelined training step, by ppermute and by all-to-all (ep_traffic.py's
+    `pipelined_step_bytes`, from the executor's op table; the slots' size from the memory plan's trace)."""
+    rows = []
+    for name, config in _pipelined_layouts().items():
+        cfg, p = ModelConfig.from_dict(config.model), config.parallel
+        plan = build_plan(schedules.make_schedule(p.pipeline, p.stage, p.microbatches))
+        buffers = plan_memory(config, stash_variants=()).rank_buffers
+        tokens = config.data.batch_size // p.microbatches // (p.data * p.expert) * config.data.seq_len
+        itemsize = jnp.dtype(cfg.dtype).itemsize
+        C = ep_lib.capacity(tokens, cfg.num_experts_per_tok, cfg.n_routed_experts // p.expert, p.expert,
+                            p.capacity_factor)
+        layer = dispatch_bytes(tokens, cfg.num_experts_per_tok, cfg.hidden_size, p.expert, C, itemsize)
+        sent = pipelined_step_bytes(
+            plan, act_bytes=tokens * cfg.hidden_size * itemsize, layer_forward=layer["ep_total"],
+            layer_backward=layer["ep_total"] - layer["ep_ids"],
+            layers_per_stage=-(-cfg.num_moe_layers // plan.schedule.num_stages),
+            head_layers=cfg.num_nextn_predict_layers, slot_bytes=buffers.slot_params // plan.num_slots)
+        rows.append({"layout": name, "ticks": plan.num_ticks, "tokens_per_device_per_microbatch": tokens,
+                     "capacity": C, **sent})
+        print(f"{name}: ppermute {sent['ppermute'] / 2**20:,.1f} MiB, all-to-all {sent['all_to_all'] / 2**20:,.1f} MiB "
+              "per device per step", flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ step time
 
 
@@ -360,7 +404,19 @@ def markdown(result: dict) -> str:
                 f"EP {r['ep']}: {_mib(r['measured']['uniform']['payload'])} / "
                 f"{_mib(r['measured']['uniform']['payload_dedup'])}" for r in rows)]
         lines.append("")
-    lines += ["HLO columns: off-device bytes of the all-to-alls in the lowered `ep_dispatch` program (dropless), "
+    lines += ["## Bytes one device sends per pipelined training step, MiB", "",
+              "Counted from the executor's op table (`ep_traffic.pipelined_step_bytes`, the busiest rank): the "
+              "`ppermute`s of every tick (activations and gradients on each of the schedule's channels, idle ranks "
+              "included: one SPMD program) and of the module slots fetched and returned, and the all-to-alls of "
+              "every F, B and I (forward: dispatch + combine + ids per MoE layer; backward: the same rows without "
+              "the ids); the last stage's ops add the MTP block's MoE layer. The 58 MoE layers of DeepSeek-V3 are "
+              "counted as 4 per stage (the largest stage).", "",
+              "| layout | ticks | tokens / device / micro-batch | C | ppermute | all-to-all |",
+              "|---|---|---|---|---|---|"]
+    for r in result["pipelined"]:
+        lines.append(f"| {r['layout']} | {r['ticks']} | {r['tokens_per_device_per_microbatch']} | {r['capacity']} | "
+                     f"{_mib(r['ppermute'])} | {_mib(r['all_to_all'])} |")
+    lines += ["", "HLO columns: off-device bytes of the all-to-alls in the lowered `ep_dispatch` program (dropless), "
               "forward and forward + backward: they match the padded column (forward) and twice its rows (backward "
               "re-sends dispatch and combine rows, not the ids).", "",
               f"## Training step time, tiny model, batch {_BATCH.value} x {_SEQ.value}", "",
@@ -446,6 +502,7 @@ def main(argv) -> None:
     result = {"machine": machine(), "capacity_factor": CAPACITY_FACTOR,
               "layers": {k: {a: v for a, v in layer.items() if a != "dtype"} for k, layer in LAYERS.items()},
               "bytes": {name: bytes_table(name, layer) for name, layer in LAYERS.items()},
+              "pipelined": pipelined_bytes(),
               "bytes_seconds": time.perf_counter() - started,
               "definitions": {
                   "padded_*": "bytes one device sends per MoE layer, forward, in our padded all_to_all buffers "

@@ -123,7 +123,7 @@ def op_costs(cfg, train_cfg, variables, num_stages: int) -> dict:
     for where, s in (("first", 0), ("middle", num_stages // 2), ("last", num_stages - 1)):
         params, ctx = params_of(s), ctx_of(s)
         _, _, stash = forward(params, x, ctx)
-        _, wstash = input_grad(params, ctx, stash, x)
+        _, wstash, _ = input_grad(params, ctx, stash, x)
         calls["F", where] = functools.partial(forward, params, x, ctx)
         calls["B", where] = functools.partial(backward, params, ctx, stash, x)
         calls["I", where] = functools.partial(input_grad, params, ctx, stash, x)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from deepseek_jax.parallel.pipeline.schedules import Kind
+
 
 def dispatch_bytes(n_tokens_per_device: int, K: int, D: int, ep: int, capacity: int, itemsize: int,
                    fp8_tile: int = 0) -> dict[str, int]:
@@ -45,3 +47,32 @@ def payload_rows(indices_NK, E: int, ep: int, batch_shards: int) -> np.ndarray:
         raise ValueError(f"N={N} must divide into {batch_shards} batch shards and E={E} into ep={ep}")
     dest = (idx // (E // ep)).reshape(batch_shards, -1)
     return np.stack([np.bincount(d, minlength=ep) for d in dest]).astype(np.int64)
+
+
+def pipelined_step_bytes(plan, *, act_bytes: int, layer_forward: int, layer_backward: int, layers_per_stage: int,
+                         head_layers: int, slot_bytes: int) -> dict[str, int]:
+    """Bytes one device sends in one pipelined training step (train/pipelined.py on the executor of
+    parallel/pipeline/execute.py), counted from the plan's op table: the busiest rank's.
+
+    ppermute: every tick sends the activation and the gradient buffers on each of the schedule's channels
+    (one SPMD program: idle ranks send too), `act_bytes` each; plus the module slots fetched from their
+    owners before the first tick and their gradients returned after the last (`slot_bytes` per moved slot).
+    all_to_all: each F runs `layers_per_stage` MoE layers' dispatch + combine (`layer_forward` bytes each),
+    each B or I their backward (`layer_backward`); the last stage's F, B and I also run the `head_layers`
+    MTP blocks' MoE layers. W sends nothing.
+    """
+    schedule = plan.schedule
+    last = schedule.num_stages - 1
+    owners = [[int(stage) * schedule.num_ranks // schedule.num_stages for stage in row] for row in schedule.modules]
+    per_rank = []
+    for r in range(schedule.num_ranks):
+        a2a = 0
+        for forward, backward in (row[r] for row in plan.phases):
+            for op, per_layer in ((forward, layer_forward), (backward, layer_backward)):
+                if op is not None and op.kind != Kind.WEIGHT_GRAD:
+                    a2a += per_layer * (layers_per_stage + (head_layers if op.stage == last else 0))
+        neighbours = sum(1 for _, direction in plan.channels if 0 <= r + direction < schedule.num_ranks)
+        moved_slots = sum(1 for owner in owners[r] if owner != r)
+        per_rank.append({"ppermute": plan.num_ticks * neighbours * act_bytes + 2 * moved_slots * slot_bytes,
+                         "all_to_all": a2a})
+    return max(per_rank, key=lambda d: d["ppermute"] + d["all_to_all"])

@@ -178,7 +178,11 @@ def test_weight_grad_does_only_the_weight_gradient_matmuls():
     x, ct = jnp.ones((rows, width)), jnp.ones((rows, width))
     split = split_stage(toy_stage, params, x, ctx)
     _, _, stash = split.forward(params, x, ctx)
-    _, wstash = split.input_grad(params, ctx, stash, ct)
+    _, wstash, finished = split.input_grad(params, ctx, stash, ct)
+    # I finishes only the weight uses that contract nothing (the biases); every matmul's is W's.
+    assert float(jnp.abs(finished["stage"]["b"]).sum()) > 0
+    chex.assert_trees_all_close({"w": finished["stage"]["w"], "shared": finished["shared"]},
+                                jax.tree.map(jnp.zeros_like, {"w": params["stage"]["w"], "shared": shared}))
 
     def flops(fn, *args):
         return jax.jit(fn).lower(*args).compile(FAST_COMPILE).cost_analysis()["flops"]
@@ -190,9 +194,38 @@ def test_weight_grad_does_only_the_weight_gradient_matmuls():
     assert abs(w - weight_matmuls) <= 0.1 * weight_matmuls, (w, weight_matmuls)
     assert i + w == pytest.approx(b, rel=0.1)  # I + W is B: nothing done twice
     assert i < b - 0.9 * weight_matmuls  # and I really leaves the weight gradients out
-    # W's result is the weight part of B's.
+    # W's result and what I finished make B's weight gradients.
     d_params, _ = split.backward(params, ctx, stash, ct)
-    assert_close(split.weight_grad(params, ctx, stash, wstash), d_params)
+    assert_close(jax.tree.map(jnp.add, split.weight_grad(params, ctx, stash, wstash), finished), d_params)
+
+
+def test_inseparable_weight_uses_get_their_gradient_in_input_grad():
+    """A head under jax.checkpoint (as the pipeline's last stage runs it): I returns its weight's gradient
+    itself, W the rest, together B's; nothing parameter-sized waits in the wstash."""
+    stage, shared, inputs, consts = toy_problem(2, 1)
+
+    def checkpointed_head(params, x, ctx):
+        (x, _), stats = toy_stage(params, x, ctx)
+        score = jax.checkpoint(lambda w, h: 0.5 * jnp.sum((h @ w - ctx.batch["y"]) ** 2))
+        return (x, score(params["shared"]["w_out"], x)), stats
+
+    params = {"stage": jax.tree.map(lambda a: a[1], stage), "shared": shared}
+    ctx = execute.StageContext(jax.tree.map(lambda a: a[0], inputs), jnp.int32(1), {}, consts)
+    x, ct = jax.random.normal(jax.random.key(1), (B, D)), jax.random.normal(jax.random.key(2), (B, D))
+    split = split_stage(checkpointed_head, params, x, ctx)
+    _, _, stash = split.forward(params, x, ctx)
+    _, wstash, finished = split.input_grad(params, ctx, stash, ct)
+    assert all(a.shape != shared["w_out"].shape for a in split.wstash_avals)
+    assert float(jnp.abs(finished["shared"]["w_out"]).sum()) > 0
+    d_params, d_x = split.backward(params, ctx, stash, ct)
+    summed = jax.tree.map(jnp.add, split.weight_grad(params, ctx, stash, wstash), finished)
+    assert_close(summed, d_params)
+    # And B itself is the plain gradient.
+    def loss(p, xx):
+        (y, score), _ = checkpointed_head(p, xx, ctx)
+        return score + jnp.sum(y * ct)
+
+    assert_close((d_params, d_x), jax.grad(loss, argnums=(0, 1))(params, x))
 
 
 def _hlo_computations(text):

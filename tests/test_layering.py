@@ -18,7 +18,7 @@ from deepseek_jax.parallel.pipeline import _jax_internals
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "deepseek_jax"
 LAYERS = (("checks",), ("ops", "data"), ("model", "defaults"), ("parallel", "convert"), ("train",), ("infer",),
           ("rl",))
-TOP_LEVEL_MAINS = ("generate", "grpo", "evaluate", "params")
+TOP_LEVEL_MAINS = ("generate", "grpo", "evaluate", "params", "plan")
 JAX_INTERNALS = "deepseek_jax.parallel.pipeline._jax_internals"
 
 

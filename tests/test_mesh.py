@@ -101,8 +101,9 @@ def test_step_on_mesh_equals_single_device(name, reference, tmp_path):
 
 
 def test_optimizer_state_is_sharded_over_data(tmp_path):
-    """ZeRO-1: Adam's moments are split over 'data' on top of the params' own sharding, the params are
-    not, and each device holds about 1/data of the moments."""
+    """ZeRO-1: Adam's moments are split over the params' data-parallel axes on top of their own
+    sharding ('data' for the routed experts, 'data' x 'expert' for the rest), the params are not, and
+    each device holds about 1/8 of the moments."""
     config = run_config(tmp_path, data=4, expert=2)
     cfg = training_model_config(config, ModelConfig.from_dict(config.model))
     tx = make_optimizer(config.train)
@@ -112,14 +113,15 @@ def test_optimizer_state_is_sharded_over_data(tmp_path):
     assert experts.sharding.spec == PartitionSpec(None, "expert", None, None)
     mu = state.opt_state[1][0].mu
     assert mu["moe_layers"]["mlp"]["experts"]["up_proj"].sharding.spec == PartitionSpec(None, "expert", "data", None)
-    # The vocabulary goes to 'tensor' (size 1 here), so 'data' takes the next dimension.
-    assert mu["embed_tokens"]["embedding"].sharding.spec == PartitionSpec("tensor", "data")
+    # The vocabulary goes to 'tensor' (size 1 here), so ('data', 'expert') take the next dimension.
+    assert mu["embed_tokens"]["embedding"].sharding.spec == PartitionSpec("tensor", ("data", "expert"))
     assert state.params["embed_tokens"]["embedding"].sharding.spec == PartitionSpec("tensor", None)
     moment_bytes = sum(a.nbytes for a in jax.tree.leaves(state.opt_state))
     per_device = placement.per_device_bytes(state.opt_state)
     assert len(per_device) == 8
-    # Experts split 2 ways and every moment 4 ways: close to 1/8 of the total, never more than 1/4.
-    assert max(per_device.values()) < moment_bytes / 4
+    # Experts split 2 ways and 4 more, every other moment 8 ways: 1/8 of the total, but for the leaves
+    # no dimension of which divides (biases of 8 experts, norms of odd sizes).
+    assert max(per_device.values()) < 1.1 * moment_bytes / 8
     params_per_device = placement.per_device_bytes(state.params)
     assert max(per_device.values()) < 2 * max(params_per_device.values())  # Two moments, split 4 ways.
     # Same values as the un-sharded init.

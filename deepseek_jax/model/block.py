@@ -8,6 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from deepseek_jax.model import remat
 from deepseek_jax.model.cache import LayerCache
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.experts import Dispatch
@@ -46,3 +47,10 @@ class Block(nn.Module):
         else:
             y, stats = MLP(cfg, cfg.intermediate_size, recipe=self.recipe, name="mlp")(ffn_in), {}
         return (h + y).astype(x_BTD.dtype), (stats, entries)
+
+
+def recomputed_block(cfg: ModelConfig) -> type[nn.Module]:
+    """`Block`, under the configured recomputation policy (model/remat.py) unless remat='none'."""
+    if cfg.remat == "none":
+        return Block
+    return nn.remat(Block, policy=remat.POLICIES[cfg.remat], prevent_cse=False)

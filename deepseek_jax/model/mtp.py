@@ -18,7 +18,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from deepseek_jax.model.block import Block
+from deepseek_jax.model.block import recomputed_block
 from deepseek_jax.model.cache import LayerCache
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.experts import Dispatch
@@ -54,7 +54,7 @@ class MTPModule(nn.Module):
                                   RMSNorm(cfg.rms_norm_eps, name="hnorm")(h_prev_BTD)], axis=-1)
         x = Linear(cfg.hidden_size, ("mtp_concat", "embed"), compute_dtype(cfg), recipe=self.recipe,
                    name="eh_proj")(joined)
-        x, out = Block(cfg, moe=cfg.mtp_uses_moe, recipe=self.recipe, dispatch=self.dispatch,
+        x, out = recomputed_block(cfg)(cfg, moe=cfg.mtp_uses_moe, recipe=self.recipe, dispatch=self.dispatch,
                        cached_attention=self.cached_attention, name="block")(
             x, positions_BT, segment_ids_BT, cache, lengths_B)
         return RMSNorm(cfg.rms_norm_eps, name="norm")(x), out

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.model import remat
-from deepseek_jax.model.block import Block
+from deepseek_jax.model.block import recomputed_block
 from deepseek_jax.model.cache import KVCache
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.experts import Dispatch
@@ -56,11 +56,8 @@ def layer_stack(cfg: ModelConfig, name: str, length: int | None = None, *, recip
     Call: (x [B, T, D], positions [B, T], segment_ids [B, T], cache LayerCache [L, B, S, *] | None,
     lengths [B] | None) -> (x, (router stats [L, ...], new cache entries [L, B, T, *] | None)).
     """
-    block = Block
-    if cfg.remat != "none":
-        block = nn.remat(Block, policy=remat.POLICIES[cfg.remat], prevent_cse=False)
     scanned = nn.scan(
-        block,
+        recomputed_block(cfg),
         variable_axes={"params": 0, ROUTING: 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),  # positions, segments, cache, lengths
@@ -102,7 +99,8 @@ class DeepSeekV3(nn.Module):
         for name in stack_lengths(cfg):
             setattr(self, name, layer_stack(cfg, name, **pieces))
         self.norm = RMSNorm(cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), compute_dtype(cfg), high_precision=True)
+        self.lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), compute_dtype(cfg), high_precision=True,
+                              checkpoint_as=remat.LOGITS)
         self.mtp_modules = [MTPModule(cfg, **pieces, name=mtp_name(k)) for k in range(cfg.num_nextn_predict_layers)]
 
     # -- the pieces -----------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Mesh axes ('stage', 'data', 'expert', 'tensor'), any of size 1:
 - 'stage'  pipeline ranks (parallel/pipeline/);
-- 'data'   data parallelism; the optimizer state is also sharded over it (ZeRO-1);
+- 'data'   data parallelism; the optimizer state is also sharded over it (ZeRO-1), and over 'expert'
+           too for every parameter 'expert' does not split;
 - 'expert' expert parallelism: routed experts are split over it, and it is a data-parallel axis for
            everything else (the batch is sharded over ('data', 'expert'), as in DeepSeek-V3 where EP
            spans the data-parallel ranks);
@@ -17,7 +18,8 @@ maps them to mesh axes for a run, from its `config.parallel`: the house rules be
 layer axis ('stage') over the pipeline ranks when there is a pipeline, and `parallel.rules` overrides
 (e.g. "vocab=,heads=tensor"). Everything else derives from the resulting parameter shardings: with a
 pipeline, the parameters the stages do not own (embedding, head, dense layers, MTP) are split over
-'stage' too, on their first free dimension (train/placement.py); Adam's moments add 'data' (ZeRO-1,
+'stage' too, on their first free dimension (train/placement.py); Adam's moments add the axes the
+parameter is data-parallel over, ('data', 'expert') or, for routed experts, 'data' (ZeRO-1,
 `opt_state_shardings`); the batch is split over BATCH_AXES.
 """
 
@@ -109,31 +111,38 @@ def param_shardings(logical_specs: Any, mesh: Mesh, rules: Rules | None = None) 
     return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
-def split_free_dim(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, axis: str) -> PartitionSpec:
-    """`spec` further split over mesh `axis` on the first dimension that can take it: unsharded and
-    divisible by the axis size. Leaves with no such dimension (scalars, tiny vectors), and specs that
-    already use `axis`, stay as they are."""
-    size = mesh.shape[axis]
+def split_free_dim(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh,
+                   axis: str | tuple[str, ...]) -> PartitionSpec:
+    """`spec` further split over mesh `axis` (or jointly over several axes) on the first dimension
+    that can take it: unsharded and divisible by the axes' product. Axes the spec already uses, or of
+    size 1, are left out; leaves with no such dimension (scalars, tiny vectors) stay as they are."""
     dims = list(spec) + [None] * (len(shape) - len(spec))
     used = {a for d in dims if d is not None for a in (d if isinstance(d, tuple) else (d,))}
-    if size == 1 or axis in used:
+    axes = tuple(a for a in ((axis,) if isinstance(axis, str) else axis) if a not in used and mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if not axes:
         return spec
     for i, (current, length) in enumerate(zip(dims, shape)):
         if current is None and length % size == 0:
-            dims[i] = axis
+            dims[i] = axes[0] if len(axes) == 1 else axes
             return PartitionSpec(*dims)
     return spec
 
 
 def zero1_spec(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """`spec` further split over 'data' on the first dimension that can take it (ZeRO-1)."""
-    return split_free_dim(spec, shape, mesh, "data")
+    """`spec` further split over the data-parallel axes of its leaf (ZeRO-1): ('data', 'expert')
+    jointly for a parameter replicated over both (every one but the routed experts, for which 'expert'
+    is model parallelism), on the first dimension that can take it; 'data' alone where no dimension
+    divides by both."""
+    joint = split_free_dim(spec, shape, mesh, BATCH_AXES)
+    return joint if joint != spec else split_free_dim(spec, shape, mesh, "data")
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any, params_shardings: Any,
                         mesh: Mesh) -> Any:
     """Shardings of the optimizer state: each parameter-shaped leaf (Adam's moments) takes its
-    parameter's sharding plus 'data' (ZeRO-1); other leaves (step counts) are replicated."""
+    parameter's sharding plus its data-parallel axes (ZeRO-1, `zero1_spec`); other leaves (step counts)
+    are replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def moment(leaf, param_sharding):

@@ -11,13 +11,16 @@ The stage function is built from the model's own pieces (model/transformer.py):
 The stacked MoE parameters [L, ...] become stage parameters [S, L/S, ...]; everything else (embedding,
 dense layers, norm, head, MTP) is "shared": used by the first or the last stage. In DualPipe the
 first and last stages of both directions sit on ranks 0 and P-1, so each end holds the embedding and
-the head, and MTP reuses them in place.
+the head, and MTP reuses them in place. With expert parallelism the routed experts of the stages and
+of the MTP modules are split over 'expert' (`expert_specs`).
 
 Every rank runs one SPMD program, so the first- and last-stage extras are applied with `lax.cond` on
 the stage index. Memory trade-off: the trainer stores the shared parameters split over the ranks
 (train/placement.py), but during the step every rank holds them gathered, with their gradient
 accumulator (the embedding and head are V x D each), and every stash slot has room for the residuals
-of the conditional parts (for the head, logits-sized), although only the end stages use them.
+of the conditional parts, although only the end stages use them. The head and its losses run under
+recomputation (model/remat.py's `head_policy`), so for the head those residuals are its input
+[b, T, D], not its logits [b, T, V].
 
 Micro-batch m is rows m, m + M, m + 2M, ... of the batch: with the batch's rows split over the data
 shards in contiguous blocks (parallel/mesh.py), every micro-batch is then split the same way with no
@@ -42,6 +45,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import model as model_lib
+from deepseek_jax.model import remat
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.layers import compute_dtype
 from deepseek_jax.model.names import MOE
@@ -85,8 +89,9 @@ def _weighted(stats: dict, batch_fraction: float) -> dict:
 def make_stage_fn(cfg: ModelConfig, num_stages: int, batch_fraction: float, balance_alpha: float,
                   recipe: Recipe | None = None, expert_devices: int = 1):
     """The stage function for `execute.pipeline_gradients` (see the module docstring). With
-    `expert_devices` > 1 the MoE stack's experts are split over the mesh's 'expert' axis within each
-    stage (`stage_specs`) and reached by all-to-all; everything else runs on each device's rows.
+    `expert_devices` > 1 the routed experts of the MoE stack and of the MTP modules are split over the
+    mesh's 'expert' axis within each rank (`expert_specs`) and reached by all-to-all; everything else
+    runs on each device's rows.
 
     ctx.batch: {'tokens', 'positions', 'segment_ids'} [b, T]; ctx.stage_consts: the stage's routing;
     ctx.consts: {'routing': shared routing, 'main_count': [], 'mtp_counts': [K], 'mtp_weight': []}.
@@ -94,10 +99,9 @@ def make_stage_fn(cfg: ModelConfig, num_stages: int, batch_fraction: float, bala
     x b/B), 'head': {'terms': LossTerms, 'mtp_k': router stats}}.
     """
     check_stages(cfg, num_stages)
-    stack_cfg, experts = dispatch.pipeline_experts(cfg, expert_devices)
-    cfg = dispatch.inside_pipeline(cfg)
-    model = DeepSeekV3(cfg, recipe=recipe)
-    stack = layer_stack(stack_cfg, MOE, cfg.num_moe_layers // num_stages, recipe=recipe, dispatch=experts)
+    cfg, experts = dispatch.pipeline_experts(cfg, expert_devices)
+    model = DeepSeekV3(cfg, recipe=recipe, dispatch=experts)
+    stack = layer_stack(cfg, MOE, cfg.num_moe_layers // num_stages, recipe=recipe, dispatch=experts)
     num_balanced = losses.num_balanced_layers(cfg)
     dtype = compute_dtype(cfg)
 
@@ -113,8 +117,9 @@ def make_stage_fn(cfg: ModelConfig, num_stages: int, batch_fraction: float, bala
                                           x, positions, segments, None, None)
         layer_stats = _weighted(layer_stats, batch_fraction)
 
-        def head(h):
-            logits, mtp_logits, _, mtp_stats, _ = model.apply(shared_vars, h, tokens, positions, segments,
+        def head(shared, h):
+            variables = {"params": shared, "routing": consts["routing"]}
+            logits, mtp_logits, _, mtp_stats, _ = model.apply(variables, h, tokens, positions, segments,
                                                               method=DeepSeekV3.output_heads)
             terms = losses.loss_terms(logits, mtp_logits, tokens, segments)
             loss = losses.language_loss(terms, consts["mtp_weight"], (consts["main_count"], consts["mtp_counts"]))
@@ -123,24 +128,36 @@ def make_stage_fn(cfg: ModelConfig, num_stages: int, batch_fraction: float, bala
                 loss = loss + losses.balance_term(out[name]["balance_loss"], balance_alpha, num_balanced)
             return loss, out
 
-        def no_head(h):
-            shapes = jax.eval_shape(head, h)
+        # Recomputed in the backward, so no stash slot holds the logits (model/remat.py: head_policy).
+        head = jax.checkpoint(head, policy=remat.head_policy(cfg.remat), prevent_cse=False)
+
+        def no_head(shared, h):
+            shapes = jax.eval_shape(head, shared, h)
             return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-        head_loss, head_stats = lax.cond(ctx.stage == num_stages - 1, head, no_head, x)
+        head_loss, head_stats = lax.cond(ctx.stage == num_stages - 1, head, no_head, params["shared"], x)
         loss = head_loss + losses.balance_term(layer_stats["balance_loss"], balance_alpha, num_balanced)
         return (x, loss.astype(jnp.float32)), {"layers": layer_stats, "head": head_stats}
 
     return stage_fn
 
 
-def stage_specs(cfg: ModelConfig, mesh) -> dict:
-    """PartitionSpecs of the stage parameters [S, L/S, ...] after the stage axis: the MoE stack's logical
-    rules (parallel/mesh.py) without its layer axis, so the routed experts are split over 'expert'."""
+def expert_specs(cfg: ModelConfig, mesh) -> tuple[dict, dict]:
+    """PartitionSpecs inside the pipeline's shard_map, over the 'expert' axis only, of (the stage
+    parameters [S, L/S, ...] after the stage axis, the shared parameters): the routed experts of the
+    MoE stack and of the MTP modules split over 'expert' by the logical rules (parallel/mesh.py),
+    everything else whole on every device of a rank."""
     rules = mesh_lib.logical_rules(mesh.shape[execute.AXIS])
-    logical = model_lib.logical_axes(cfg)["params"][MOE]
-    to_mesh = lambda spec: P(None, *nn.logical_to_mesh_axes(tuple(spec)[1:], rules))  # noqa: E731
-    return jax.tree.map(to_mesh, logical, is_leaf=lambda x: isinstance(x, P))
+
+    def to_mesh(spec):
+        axes = nn.logical_to_mesh_axes(tuple(spec), rules)
+        return P(*(a if a == "expert" else None for a in axes))
+
+    logical = model_lib.logical_axes(cfg)["params"]
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    stage = jax.tree.map(lambda spec: P(None, *to_mesh(tuple(spec)[1:])), logical[MOE], is_leaf=is_spec)
+    shared = jax.tree.map(to_mesh, {k: v for k, v in logical.items() if k != MOE}, is_leaf=is_spec)
+    return stage, shared
 
 
 def pipelined_grads(params, routing, batch: Batch, step, *, cfg: ModelConfig, train_cfg: ml_collections.ConfigDict,
@@ -166,9 +183,10 @@ def pipelined_grads(params, routing, batch: Batch, step, *, cfg: ModelConfig, tr
     expert_devices = dict(mesh.shape).get("expert", 1)
     stage_fn = make_stage_fn(cfg, S, 1.0 / (M * shards), train_cfg.balance_alpha, recipe, expert_devices)
     x_aval = jax.ShapeDtypeStruct((B // M, T, cfg.hidden_size), compute_dtype(cfg))
+    specs = expert_specs(cfg, mesh) if expert_devices > 1 else (None, None)
     result = execute.pipeline_gradients(plan, stage_fn, stage_params, shared_params, inputs, mesh=mesh,
                                         x_aval=x_aval, stage_consts=stage_routing, consts=consts,
-                                        stage_specs=stage_specs(cfg, mesh) if expert_devices > 1 else None)
+                                        stage_specs=specs[0], shared_specs=specs[1])
     grads = merge_stage_tree(result.grads["stage"], result.grads["shared"])
     head = jax.tree.map(lambda a: a.sum(0), result.stats["head"])  # Zero but for the last stage's.
     router_stats = {MOE: jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), result.stats["layers"])}

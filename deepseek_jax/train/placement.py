@@ -6,7 +6,8 @@ widths / vocabulary over 'tensor', replicated over 'data'); with a pipeline, the
 r when there are as many stages as ranks) and the pipeline step fetches the copies its schedule
 places elsewhere (DualPipe's second stage per rank); the other parameters (embedding, head, dense
 layers, MTP) are split over 'stage' on their first free dimension and gathered by the step. Adam's
-moments take their parameter's sharding plus 'data' (ZeRO-1); counters and the balancing biases are
+moments take their parameter's sharding plus its data-parallel axes (ZeRO-1: ('data', 'expert') but
+for the routed experts, parallel/mesh.py's `zero1_spec`); counters and the balancing biases are
 replicated. The state is created
 by one jitted init whose outputs already have these shardings, so no device ever holds a full
 replicated copy of a sharded leaf.

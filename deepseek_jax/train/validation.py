@@ -35,18 +35,23 @@ def validate_train_config(t: ml_collections.ConfigDict) -> None:
         need(is_int(t[name]) and t[name] >= 0, f"train.{name}", t[name], "use an integer >= 0.")
 
 
-def validate_parallel_config(config: ml_collections.ConfigDict, cfg: ModelConfig) -> None:
+def validate_parallel_config(config: ml_collections.ConfigDict, cfg: ModelConfig, device_count: int | None = None
+                             ) -> None:
+    """Checks `config.parallel` against the model and `device_count` devices (default: those of this
+    process group, which must all be used when several processes train together)."""
     p = config.parallel
-    need(is_int(p.stage) and 1 <= p.stage <= jax.device_count(), "parallel.stage", p.stage,
-         f"use 1 (no pipeline) up to the {jax.device_count()} devices available.")
+    have = jax.device_count() if device_count is None else device_count
+    need(is_int(p.stage) and 1 <= p.stage <= have, "parallel.stage", p.stage,
+         f"use 1 (no pipeline) up to the {have} devices available.")
     for axis in ("data", "expert", "tensor"):
         need(is_int(p[axis]) and p[axis] >= 1, f"parallel.{axis}", p[axis], "use an integer >= 1.")
     need(p.capacity_factor >= 0, "parallel.capacity_factor", p.capacity_factor, "use 0 (dropless) or e.g. 1.25.")
     need(p.capacity_factor == 0 or p.expert > 1, "parallel.capacity_factor", p.capacity_factor,
          "a capacity only applies to expert parallelism: set parallel.expert > 1 or use 0.")
     shape = (p.stage, p.data, p.expert, p.tensor)
-    used, have = p.stage * p.data * p.expert * p.tensor, jax.device_count()
-    need(used <= have and (used == have or jax.process_count() == 1), "parallel.stage/data/expert/tensor", shape,
+    used = p.stage * p.data * p.expert * p.tensor
+    whole = used == have or device_count is not None or jax.process_count() == 1
+    need(used <= have and whole, "parallel.stage/data/expert/tensor", shape,
          f"their product is the number of devices used: at most the {have} there are, and all of "
          "them when several processes train together.")
     shards = p.data * p.expert

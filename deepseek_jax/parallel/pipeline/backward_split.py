@@ -20,8 +20,11 @@ to the model:
 
 Partial evaluation recurses through scan (the stacked layers), cond (first/last-stage extras) and
 pjit, so a scanned layer stack yields per-layer u stacked along the layer axis. A weight use that is
-not separable (a `custom_vjp` such as the FP8 matmul takes t_W and t_x in one linear op) makes t_W
-itself a u: the result stays exact, but that weight's gradient is then computed in I.
+not separable (a `custom_vjp` such as the FP8 matmul takes t_W and t_x in one linear op; a region under
+`jax.checkpoint`) makes t_W itself a u: the result stays exact, but that weight's gradient is then
+computed in I. I also finishes every weight use whose part of P contracts nothing (a parameter passed
+through a `cond`, a cast): W exists to defer the weight-gradient contractions, and keeping a
+parameter-sized output gradient per micro-batch until W would cost more memory than the weight itself.
 
 Residuals: F stashes only the residuals that depend on the incoming activation x; the rest (the
 parameters themselves, their casts, attention masks, rope tables: functions of (params, ctx)) are
@@ -42,7 +45,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
+from jax.extend.core import ClosedJaxpr, Jaxpr, jaxpr_as_fun
 
 from deepseek_jax.parallel.pipeline import _jax_internals as pe  # partial evaluation and DCE: no public API
 
@@ -68,7 +71,8 @@ class SplitStage:
     """F, B, I and W of one stage function at fixed shapes (see the module docstring).
 
     Flat conventions: `stash` is the list of residual arrays F saves per micro-batch (avals in
-    `stash_avals`); `wstash` the list I saves for W (avals in `wstash_avals`).
+    `stash_avals`); `wstash` the list I saves for W (avals in `wstash_avals`): the output gradients of
+    the separable weight uses (the gradients of non-separable ones I returns itself).
     """
 
     param_tree: Any
@@ -84,6 +88,7 @@ class SplitStage:
     _unknown: ClosedJaxpr  # R: (residuals, t_x) -> (t_y, t_loss)
     _res_fwd: tuple  # per R residual: ('const', i) | ('tparam', i) | ('known', j)
     _res_linear: tuple[bool, ...]  # per R residual: depends on t_params
+    _deferred: tuple[bool, ...]  # per linear R residual (a u): W contracts it (True) or I finishes it
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -153,7 +158,8 @@ class SplitStage:
         return jax.tree.unflatten(self.param_tree, d_theta), d_x
 
     def input_grad(self, params, ctx, stash, ct_y):
-        """I: (d x, wstash) — the input gradient, and the output gradients of every weight use."""
+        """I: (d x, wstash, d params) — the input gradient, the output gradients of the weight uses W
+        contracts, and the gradient from the weight uses I finishes itself (zero where there are none)."""
         theta = self._flat(params)
         consts = self._lin_consts(theta, jax.tree.leaves(ctx), stash)
         residuals = self._residuals(consts)
@@ -167,19 +173,48 @@ class SplitStage:
 
         u_zero = [jnp.zeros(a.shape, a.dtype) for a in linear_avals]
         ct_u, d_x = jax.linear_transpose(chain, u_zero, ct_y)((ct_y, jnp.ones((), jnp.float32)))
-        return d_x, list(ct_u)
+        finished = [ct for ct, deferred in zip(ct_u, self._deferred) if not deferred]
+        if finished:
+            (d_theta,) = jax.linear_transpose(lambda t: self._weight_uses(consts, t, deferred=False), theta)(
+                tuple(finished))
+        else:
+            d_theta = [jnp.zeros_like(t) for t in theta]
+        return d_x, _pick(list(ct_u), self._deferred), jax.tree.unflatten(self.param_tree, list(d_theta))
+
+    def _weight_uses(self, consts, t_theta, deferred: bool) -> tuple:
+        """The u = P(t_theta) that W contracts (deferred) or that I finishes."""
+        residuals = self._residuals(consts, list(t_theta))
+        linear = [r for r, lin in zip(residuals, self._res_linear) if lin]
+        return tuple(_pick(linear, [d == deferred for d in self._deferred]))
 
     def weight_grad(self, params, ctx, stash, wstash):
-        """W: d params from the stash of F and the wstash of I; contractions only."""
+        """W: d params of the weight uses I left to it, from the stash of F and the wstash of I;
+        contractions only."""
         theta = self._flat(params)
+        if not wstash:
+            return jax.tree.unflatten(self.param_tree, [jnp.zeros_like(t) for t in theta])
         consts = self._lin_consts(theta, jax.tree.leaves(ctx), stash)
-
-        def uses(t_theta):
-            residuals = self._residuals(consts, list(t_theta))
-            return tuple(r for r, lin in zip(residuals, self._res_linear) if lin)
-
-        (d_theta,) = jax.linear_transpose(uses, theta)(tuple(wstash))
+        (d_theta,) = jax.linear_transpose(lambda t: self._weight_uses(consts, t, deferred=True), theta)(tuple(wstash))
         return jax.tree.unflatten(self.param_tree, d_theta)
+
+
+def _contracts(closed: ClosedJaxpr) -> bool:
+    """Whether `closed` (or any jaxpr inside it: scan, cond, pjit, remat bodies) has a contraction."""
+    def walk(jaxpr) -> bool:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in _CONTRACTIONS:
+                return True
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    sub = sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub
+                    if isinstance(sub, Jaxpr) and walk(sub):
+                        return True
+        return False
+
+    return walk(closed.jaxpr)
+
+
+_CONTRACTIONS = ("dot_general", "ragged_dot", "ragged_dot_general", "conv_general_dilated")
 
 
 def split_stage(stage_fn: StageFn, params, x, ctx) -> SplitStage:
@@ -246,10 +281,13 @@ def split_stage(stage_fn: StageFn, params, x, ctx) -> SplitStage:
             res_linear.append(True)
     stash_avals = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype)
                         for a, s in zip(fwd_closed.out_avals[first_res:], stashed) if s)
-    wstash_avals = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype)
-                         for a, lin in zip(unknown.in_avals, res_linear) if lin)
+    # W takes the weight uses whose part of P contracts; I finishes the rest (t_W itself, pass-throughs).
+    deferred = tuple(where == "known" and _contracts(_dce(known, [j == i for j in range(len(known.out_avals))]))
+                     for (where, i), lin in zip(res_fwd, res_linear) if lin)
+    linear_avals = [a for a, lin in zip(unknown.in_avals, res_linear) if lin]
+    wstash_avals = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a, d in zip(linear_avals, deferred) if d)
     x_aval = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
     return SplitStage(param_tree=param_tree, x_aval=x_aval, stats_tree=captured["stats_tree"],
                       stash_avals=stash_avals, wstash_avals=wstash_avals, _fwd=fwd_closed, _lin=lin_closed,
                       _recompute=recompute, _stashed=stashed, _known=known, _unknown=unknown, _res_fwd=tuple(res_fwd),
-                      _res_linear=tuple(res_linear))
+                      _res_linear=tuple(res_linear), _deferred=deferred)

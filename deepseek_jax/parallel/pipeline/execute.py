@@ -37,19 +37,24 @@ slot and owned position; a rank that owns its slot's stage keeps it in place). G
 per slot and travel back to the owner the same way after the last tick, where the copies of a stage
 are summed before any optimizer sees them, so the update equals the un-pipelined one.
 `shared_params` (embedding, output head: used by the first and last stages) enter the shard_map
-replicated: the trainer stores them split over 'stage' (train/placement.py), so XLA gathers them at
-the shard_map's boundary; their gradients are summed over ranks.
+replicated over 'stage' (split over the other axes only as `shared_specs` says, e.g. the MTP modules'
+routed experts over 'expert'): the trainer stores them split over 'stage' (train/placement.py), so XLA
+gathers them at the shard_map's boundary; their gradients are summed over ranks.
 
 Memory trade-offs of running one SPMD program: every rank allocates every buffer at the largest
 size any rank needs, the residuals of the stage function's conditional parts (first-stage embedding,
-last-stage head) are part of every stash slot, and the gathered shared parameters and their gradient
-accumulators live on all ranks during the step.
+last-stage head) are part of every stash slot (train/pipelined.py recomputes its head in the
+backward, so there they are the head's input), and the gathered shared parameters and their gradient
+accumulators live on all ranks during the step. `recording_rank_buffers` reports these sizes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -84,6 +89,42 @@ class PipelineResult(NamedTuple):
     loss: jnp.ndarray  # float32 scalar: sum over micro-batches and stages of the stage losses.
     grads: dict  # {'stage': [S, ...] (copies summed), 'shared': ...}
     stats: Any  # [S, ...]: each stage's stats summed over micro-batches (and copies).
+
+
+@dataclasses.dataclass(frozen=True)
+class RankBuffers:
+    """Per-device bytes of what one rank program holds through its ticks, read from the traced
+    program (for memory plans: `recording_rank_buffers`). Every rank allocates all of it (one SPMD
+    program); the activations stash is `num_stash` slots of `stash_slot` bytes, one micro-batch each."""
+
+    stash_slot: int  # one micro-batch's residuals, F -> B (or W)
+    num_stash: int
+    wstash_slot: int  # one micro-batch's weight-use gradients, I -> W
+    num_wstash: int
+    inboxes: int  # act_in + grad_in + the in-flight act_out / grad_out
+    slot_params: int  # the K module slots' stage parameters, fetched from their owners
+    shared_params: int  # embedding, head, dense layers, MTP: gathered for the step
+    stage_grads: int  # the K slots' gradient accumulators
+    shared_grads: int  # the shared parameters' gradient accumulator
+
+
+_RECORDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("rank_buffers", default=None)
+
+
+@contextlib.contextmanager
+def recording_rank_buffers():
+    """Within it, every `pipeline_gradients` that is traced appends its `RankBuffers` to the list this
+    yields (trace with `jax.eval_shape` to plan memory without allocating anything)."""
+    log: list[RankBuffers] = []
+    token = _RECORDING.set(log)
+    try:
+        yield log
+    finally:
+        _RECORDING.reset(token)
+
+
+def _nbytes(tree) -> int:
+    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
 
 
 def make_stage_mesh(num_ranks: int, devices=None) -> jax.sharding.Mesh:
@@ -204,12 +245,12 @@ def data_shards(mesh) -> int:
 
 
 def _rank_program(plan: Plan, stage_fn, x_aval, owned_params, shared_params, owned_consts, inputs, consts,
-                  row_axes: tuple[str, ...], stage_specs):
+                  row_axes: tuple[str, ...], stage_specs, shared_specs):
     """The shard_map body: one rank's T ticks on its rows, between fetching its slots' stage params
     (and consts) from their owners and returning the slots' gradients and stats to them. Returns the
     loss, the owned stages' gradients and stats, and the shared gradients, summed over the data shards
-    (`row_axes`; a stage parameter split over some of them, such as experts over 'expert', only over
-    the others) and, for the loss and shared gradients, over the ranks."""
+    (`row_axes`; a parameter split over some of them, such as experts over 'expert', only over the
+    others) and, for the loss and shared gradients, over the ranks."""
     num_ranks = plan.schedule.num_ranks
     modules = np.asarray(plan.schedule.modules, np.int32)  # [P, K]
     per_rank = plan.schedule.num_stages // num_ranks
@@ -243,7 +284,8 @@ def _rank_program(plan: Plan, stage_fn, x_aval, owned_params, shared_params, own
         if kind == Branch.B:
             out["d_params"], out["d_x"] = split.backward(ops["params"], ops["ctx"], ops["stash"], ops["ct"])
         elif kind == Branch.I:
-            out["d_x"], out["wstash"] = split.input_grad(ops["params"], ops["ctx"], ops["stash"], ops["ct"])
+            out["d_x"], out["wstash"], out["d_params"] = split.input_grad(ops["params"], ops["ctx"], ops["stash"],
+                                                                          ops["ct"])
         elif kind == Branch.W:
             out["d_params"] = split.weight_grad(ops["params"], ops["ctx"], ops["stash"], ops["wstash"])
         return out
@@ -322,22 +364,31 @@ def _rank_program(plan: Plan, stage_fn, x_aval, owned_params, shared_params, own
         act_in=jnp.zeros((plan.num_act_in + 1,) + x_aval.shape, x_aval.dtype),
         grad_in=jnp.zeros((plan.num_grad_in + 1,) + x_aval.shape, x_aval.dtype),
         act_out=zero_x, grad_out=zero_x)
+    log = _RECORDING.get()
+    if log is not None:
+        one = lambda buffers: sum(_nbytes(b[0]) for b in buffers)  # noqa: E731
+        log.append(RankBuffers(
+            stash_slot=one(carry.stash), num_stash=plan.num_stash, wstash_slot=one(carry.wstash),
+            num_wstash=plan.num_wstash, inboxes=_nbytes((carry.act_in, carry.grad_in, carry.act_out, carry.grad_out)),
+            slot_params=_nbytes(slot_params), shared_params=_nbytes(shared_params),
+            stage_grads=_nbytes(carry.grads_stage), shared_grads=_nbytes(carry.grads_shared)))
     carry, _ = lax.scan(tick, carry, table)
 
-    def over_rows(leaf, spec=None):
-        axes = tuple(a for a in row_axes if spec is None or a not in _axes_of(spec))
+    def summed(leaf, axes, spec=None):
+        axes = tuple(a for a in axes if spec is None or a not in _axes_of(spec))
         return lax.psum(leaf, axes) if axes else leaf
 
-    grads_stage = jax.tree.map(over_rows, carry.grads_stage, stage_specs)
-    stats = jax.tree.map(over_rows, carry.stats)
+    grads_stage = jax.tree.map(lambda g, spec: summed(g, row_axes, spec), carry.grads_stage, stage_specs)
+    stats = jax.tree.map(lambda a: summed(a, row_axes), carry.stats)
     everywhere = (AXIS,) + row_axes
-    return (lax.psum(carry.loss, everywhere), _return_slots(grads_stage, modules, per_rank),
-            lax.psum(carry.grads_shared, everywhere), _return_slots(stats, modules, per_rank))
+    grads_shared = jax.tree.map(lambda g, spec: summed(g, everywhere, spec), carry.grads_shared, shared_specs)
+    return (lax.psum(carry.loss, everywhere), _return_slots(grads_stage, modules, per_rank), grads_shared,
+            _return_slots(stats, modules, per_rank))
 
 
 def pipeline_gradients(plan: Plan | Any, stage_fn, stage_params, shared_params, inputs, *, mesh,
                        x_aval: jax.ShapeDtypeStruct, stage_consts=None, consts=None,
-                       stage_specs=None) -> PipelineResult:
+                       stage_specs=None, shared_specs=None) -> PipelineResult:
     """Loss, gradients and stats of M micro-batches through S stages, run as `plan` schedules them.
 
     Args:
@@ -347,7 +398,8 @@ def pipeline_gradients(plan: Plan | Any, stage_fn, stage_params, shared_params, 
         the same function; it reads `ctx.stage` for first/last-stage extras (the first stage gets
         x = 0, the last stage's y gets a zero gradient).
       stage_params: pytree of [S, ...] arrays.
-      shared_params: pytree used by any stage (gathered onto every rank for the step).
+      shared_params: pytree used by any stage (gathered onto every rank for the step, each leaf split
+        only as `shared_specs` says).
       inputs: pytree of [M, b, ...] arrays, micro-batch g = direction * (M / directions) + m; the b rows
         are split over the mesh's other axes (data parallelism), so b must be a multiple of R.
       mesh: a mesh with a 'stage' axis of size P (e.g. `make_stage_mesh(P)`), possibly with more axes
@@ -359,6 +411,7 @@ def pipeline_gradients(plan: Plan | Any, stage_fn, stage_params, shared_params, 
       stage_specs: pytree like `stage_params` of PartitionSpecs for each leaf's dims after the stage
         axis, over the mesh's other axes (e.g. routed experts over 'expert'): the stage function then
         sees its slice and communicates within its rank's devices itself; default: replicated.
+      shared_specs: the same for `shared_params` (e.g. the MTP modules' routed experts over 'expert').
 
     Call it under `jax.jit`.
     """
@@ -386,19 +439,22 @@ def pipeline_gradients(plan: Plan | Any, stage_fn, stage_params, shared_params, 
     param_specs = jax.tree.map(lambda spec: P(AXIS, *spec), stage_specs, is_leaf=lambda x: isinstance(x, P))
     stage_params = _place(stage_params, mesh, param_specs)  # S/P stages per rank, each maybe split further
     stage_consts = _place(stage_consts, mesh, P(AXIS))
-    shared_params, consts = _place((shared_params, consts), mesh, P())
+    shared_specs = jax.tree.map(lambda _: P(), shared_params) if shared_specs is None else shared_specs
+    shared_params = _place(shared_params, mesh, shared_specs)
+    consts = _place(consts, mesh, P())
     rows_spec = P(None, row_axes or None)  # [M, b, ...]: rows split over the data shards.
     inputs = _place(inputs, mesh, rows_spec)
 
     def body(owned_params, shared_params, owned_consts, inputs, consts):
         return _rank_program(plan, stage_fn, local_x, owned_params, shared_params, owned_consts, inputs, consts,
-                             row_axes, stage_specs)
+                             row_axes, stage_specs, shared_specs)
 
     # Every axis manual: the data shards are explicit too, so the stage function sees plain local
     # arrays and the only collectives are the ppermutes and the final sums. check_vma=False: values are
     # replicated or varying by construction (the loop carry starts replicated and becomes per-rank),
     # and nothing here is differentiated through the shard_map.
-    run = jax.shard_map(body, mesh=mesh, in_specs=(param_specs, P(), P(AXIS), rows_spec, P()),
-                        out_specs=(P(), param_specs, P(), P(AXIS)), axis_names=set(mesh.axis_names), check_vma=False)
+    run = jax.shard_map(body, mesh=mesh, in_specs=(param_specs, shared_specs, P(AXIS), rows_spec, P()),
+                        out_specs=(P(), param_specs, shared_specs, P(AXIS)), axis_names=set(mesh.axis_names),
+                        check_vma=False)
     loss, stage_grads, shared_grads, stage_stats = run(stage_params, shared_params, stage_consts, inputs, consts)
     return PipelineResult(loss=loss, grads={"stage": stage_grads, "shared": shared_grads}, stats=stage_stats)

@@ -61,9 +61,7 @@ from deepseek_jax.model.config import ModelConfig  # noqa: E402
 from deepseek_jax.parallel import expert_parallel as ep_lib  # noqa: E402
 from deepseek_jax.parallel import mesh as mesh_lib  # noqa: E402
 from deepseek_jax.parallel.dispatch import training_model_config  # noqa: E402
-from deepseek_jax.parallel.pipeline import schedules  # noqa: E402
-from deepseek_jax.parallel.pipeline.tables import build_plan  # noqa: E402
-from deepseek_jax.train import placement  # noqa: E402
+from deepseek_jax.train import pipelined, placement  # noqa: E402
 from deepseek_jax.train import step as step_lib  # noqa: E402
 from deepseek_jax.train.memory import plan_memory  # noqa: E402
 from deepseek_jax.train.optimizer import make_optimizer  # noqa: E402
@@ -255,7 +253,7 @@ def pipelined_bytes() -> list[dict]:
     rows = []
     for name, config in _pipelined_layouts().items():
         cfg, p = ModelConfig.from_dict(config.model), config.parallel
-        plan = build_plan(schedules.make_schedule(p.pipeline, p.stage, p.microbatches))
+        plan = pipelined.make_plan(p.pipeline, p.stage, p.microbatches, p.expert)
         buffers = plan_memory(config, stash_variants=()).rank_buffers
         tokens = config.data.batch_size // p.microbatches // (p.data * p.expert) * config.data.seq_len
         itemsize = jnp.dtype(cfg.dtype).itemsize

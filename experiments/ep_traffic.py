@@ -67,10 +67,11 @@ def pipelined_step_bytes(plan, *, act_bytes: int, layer_forward: int, layer_back
     per_rank = []
     for r in range(schedule.num_ranks):
         a2a = 0
-        for forward, backward in (row[r] for row in plan.phases):
-            for op, per_layer in ((forward, layer_forward), (backward, layer_backward)):
-                if op is not None and op.kind != Kind.WEIGHT_GRAD:
-                    a2a += per_layer * (layers_per_stage + (head_layers if op.stage == last else 0))
+        for phase_ops in (row[r] for row in plan.phases):
+            for half in (h for op in phase_ops if op is not None for h in op.halves()):  # an interleaved pair: F, I
+                if half.kind != Kind.WEIGHT_GRAD:
+                    per_layer = layer_forward if half.kind == Kind.FORWARD else layer_backward
+                    a2a += per_layer * (layers_per_stage + (head_layers if half.stage == last else 0))
         neighbours = sum(1 for _, direction in plan.channels if 0 <= r + direction < schedule.num_ranks)
         moved_slots = sum(1 for owner in owners[r] if owner != r)
         per_rank.append({"ppermute": plan.num_ticks * neighbours * act_bytes + 2 * moved_slots * slot_bytes,

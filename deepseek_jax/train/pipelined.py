@@ -54,7 +54,7 @@ from deepseek_jax.ops.recipe import Recipe
 from deepseek_jax.parallel import dispatch
 from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel.pipeline import execute, schedules
-from deepseek_jax.parallel.pipeline.tables import Plan, build_plan
+from deepseek_jax.parallel.pipeline.tables import Branch, Plan, build_plan
 from deepseek_jax.train import losses
 from deepseek_jax.train.step import Batch, TrainState, apply_update, mtp_weight
 
@@ -87,11 +87,12 @@ def _weighted(stats: dict, batch_fraction: float) -> dict:
 
 
 def make_stage_fn(cfg: ModelConfig, num_stages: int, batch_fraction: float, balance_alpha: float,
-                  recipe: Recipe | None = None, expert_devices: int = 1):
+                  recipe: Recipe | None = None, expert_devices: int = 1, unrolled: bool = False):
     """The stage function for `execute.pipeline_gradients` (see the module docstring). With
     `expert_devices` > 1 the routed experts of the MoE stack and of the MTP modules are split over the
     mesh's 'expert' axis within each rank (`expert_specs`) and reached by all-to-all; everything else
-    runs on each device's rows.
+    runs on each device's rows. `unrolled`: the stage's layers without a loop, so that in an
+    interleaved F&B pair each half's all-to-alls share one computation with the other half's compute.
 
     ctx.batch: {'tokens', 'positions', 'segment_ids'} [b, T]; ctx.stage_consts: the stage's routing;
     ctx.consts: {'routing': shared routing, 'main_count': [], 'mtp_counts': [K], 'mtp_weight': []}.
@@ -101,7 +102,8 @@ def make_stage_fn(cfg: ModelConfig, num_stages: int, batch_fraction: float, bala
     check_stages(cfg, num_stages)
     cfg, experts = dispatch.pipeline_experts(cfg, expert_devices)
     model = DeepSeekV3(cfg, recipe=recipe, dispatch=experts)
-    stack = layer_stack(cfg, MOE, cfg.num_moe_layers // num_stages, recipe=recipe, dispatch=experts)
+    stack = layer_stack(cfg, MOE, cfg.num_moe_layers // num_stages, recipe=recipe, dispatch=experts,
+                        unrolled=unrolled)
     num_balanced = losses.num_balanced_layers(cfg)
     dtype = compute_dtype(cfg)
 
@@ -181,7 +183,8 @@ def pipelined_grads(params, routing, batch: Batch, step, *, cfg: ModelConfig, tr
         raise ValueError(f"micro-batches of {B // M} rows do not split over {shards} data shards; make "
                          f"config.data.batch_size a multiple of config.parallel.microbatches x parallel.data")
     expert_devices = dict(mesh.shape).get("expert", 1)
-    stage_fn = make_stage_fn(cfg, S, 1.0 / (M * shards), train_cfg.balance_alpha, recipe, expert_devices)
+    stage_fn = make_stage_fn(cfg, S, 1.0 / (M * shards), train_cfg.balance_alpha, recipe, expert_devices,
+                             unrolled=Branch.PAIR in plan.forward_branches)
     x_aval = jax.ShapeDtypeStruct((B // M, T, cfg.hidden_size), compute_dtype(cfg))
     specs = expert_specs(cfg, mesh) if expert_devices > 1 else (None, None)
     result = execute.pipeline_gradients(plan, stage_fn, stage_params, shared_params, inputs, mesh=mesh,
@@ -211,13 +214,25 @@ def pipelined_train_step(state: TrainState, batch: Batch, *, cfg: ModelConfig, t
     return apply_update(state, grads, metrics, router_stats, train_cfg, tx)
 
 
+def make_plan(schedule: str, num_ranks: int, num_microbatches: int, expert_devices: int = 1,
+              interleave_pairs: bool | None = None) -> Plan:
+    """The plan the trainer runs: `schedule` (schedules.SCHEDULES) on `num_ranks` ranks, its F&B pairs
+    interleaved (tables.py) when `interleave_pairs`, by default when experts are split over
+    `expert_devices` > 1 devices (there are all-to-alls to hide)."""
+    interleave = expert_devices > 1 if interleave_pairs is None else interleave_pairs
+    return build_plan(schedules.make_schedule(schedule, num_ranks, num_microbatches), interleave)
+
+
 def make_pipelined_step(cfg: ModelConfig, train_cfg: ml_collections.ConfigDict, tx: optax.GradientTransformation,
                         schedule: str, num_ranks: int, num_microbatches: int, recipe: Recipe | None = None,
-                        mesh=None):
+                        mesh=None, interleave_pairs: bool | None = None):
     """(state, batch) -> (state, metrics), unjitted, for a training loop: the schedule named
     `schedule` (schedules.SCHEDULES) over `mesh`'s 'stage' axis of `num_ranks` devices, with
-    data parallelism over its other axes (default: a 'stage'-only mesh of the first devices)."""
-    plan = build_plan(schedules.make_schedule(schedule, num_ranks, num_microbatches))
+    data parallelism over its other axes (default: a 'stage'-only mesh of the first devices).
+    `interleave_pairs` (default: when the mesh has an 'expert' axis, i.e. all-to-alls to hide): run each
+    F&B pair's F and I as one computation (tables.py), the stage's layers unrolled."""
+    mesh = execute.make_stage_mesh(num_ranks) if mesh is None else mesh
+    plan = make_plan(schedule, num_ranks, num_microbatches, dict(mesh.shape).get("expert", 1), interleave_pairs)
     check_stages(cfg, plan.schedule.num_stages)
-    return functools.partial(pipelined_train_step, cfg=cfg, train_cfg=train_cfg, tx=tx, plan=plan,
-                             mesh=execute.make_stage_mesh(num_ranks) if mesh is None else mesh, recipe=recipe)
+    return functools.partial(pipelined_train_step, cfg=cfg, train_cfg=train_cfg, tx=tx, plan=plan, mesh=mesh,
+                             recipe=recipe)

@@ -15,6 +15,10 @@ redoes the input-gradient chain):
                    backward phase's input gradients to their neighbours; they are stored after it;
   backward phase   B, I or W (or idle), while `ppermute`s move the forward phase's activations; they
                    are stored after it.
+An interleaved plan's forward phase also has a PAIR branch: an F&B pair's F and I in one computation
+(named scopes PAIR_FORWARD, PAIR_INPUT_GRAD), neither reading what the other computes, so each half's
+all-to-alls have the other half's compute beside them; the I's gradient travels during the backward
+phase, beside the B's W.
 Activations and gradients travel rightwards and leftwards (DualPipe uses all four channels; a rank
 sending to itself, as at DualPipeV's turn, writes straight into its own inbox). So in the compiled
 tick every `collective-permute` has a phase's computation that neither feeds it nor consumes it (an
@@ -68,6 +72,8 @@ from deepseek_jax.parallel.pipeline import backward_split
 from deepseek_jax.parallel.pipeline.tables import CHANNELS, Branch, Field, Plan, build_plan
 
 AXIS = "stage"
+# The named scopes of an interleaved pair's two halves (in the compiled program's op names).
+PAIR_FORWARD, PAIR_INPUT_GRAD = "pair_forward", "pair_input_grad"
 
 
 class StageContext(NamedTuple):
@@ -228,6 +234,7 @@ class _Carry:
     grad_in: jnp.ndarray  # [num_grad_in + 1, *x]
     act_out: jnp.ndarray  # [*x] what this rank's F produced in this tick's forward phase
     grad_out: jnp.ndarray  # [*x] what this rank's B or I produced in the last backward phase
+    pair_grad_out: jnp.ndarray | None  # [*x] what an interleaved pair's I produced in this forward phase
 
 
 jax.tree_util.register_dataclass(_Carry, data_fields=[f.name for f in dataclasses.fields(_Carry)],
@@ -290,8 +297,25 @@ def _rank_program(plan: Plan, stage_fn, x_aval, owned_params, shared_params, own
             out["d_params"] = split.weight_grad(ops["params"], ops["ctx"], ops["stash"], ops["wstash"])
         return out
 
-    forward_idle = jax.eval_shape(forward, {"params": params0, "x": zero_x, "ctx": abstract_ctx})
-    forward_branches = {Branch.IDLE: lambda ops: _zeros(forward_idle), Branch.F: forward}
+    # An interleaved pair: the F of one micro-batch and the I of another in one computation; neither
+    # reads what the other computes, so each one's all-to-alls have the other's compute beside them.
+    pairs = Branch.PAIR in plan.forward_branches
+
+    def pair(ops):
+        with jax.named_scope(PAIR_FORWARD):
+            out = forward(ops)
+        with jax.named_scope(PAIR_INPUT_GRAD):
+            out["pair"] = backward(ops["pair"], Branch.I)
+        return out
+
+    forward_ops = {"params": params0, "x": zero_x, "ctx": abstract_ctx}
+    if pairs:
+        forward_ops["pair"] = {"ct": zero_x, "stash": [_zeros(a) for a in split.stash_avals], "params": params0,
+                               "ctx": abstract_ctx}
+    forward_idle = jax.eval_shape(pair if pairs else forward, forward_ops)
+    forward_branches = {Branch.IDLE: lambda ops: _zeros(forward_idle), Branch.PAIR: pair,
+                        Branch.F: lambda ops: {**forward(ops), "pair": _zeros(forward_idle["pair"])} if pairs
+                        else forward(ops)}
     forward_branches = [forward_branches[b] for b in plan.forward_branches]
     backward_branches = [functools.partial(backward, kind=b) for b in plan.backward_branches]
 
@@ -304,12 +328,26 @@ def _rank_program(plan: Plan, stage_fn, x_aval, owned_params, shared_params, own
         slot, src = jnp.maximum(row[Field.F_SLOT], 0), row[Field.F_IN]
         operands = dict(x=jnp.where(src >= 0, c.act_in[jnp.maximum(src, 0)], zero_x), params=params_of(slot),
                         ctx=context(row[Field.F_MB], row[Field.F_STAGE], slot))
+        if pairs:  # the pair's I reads its stash slot here, before the F writes its own
+            i_slot, i_src = jnp.maximum(row[Field.P_SLOT], 0), row[Field.P_IN]
+            i_stash = jnp.maximum(row[Field.P_STASH], 0)
+            operands["pair"] = dict(ct=jnp.where(i_src >= 0, c.grad_in[jnp.maximum(i_src, 0)], zero_x),
+                                    stash=[b[i_stash] for b in c.stash], params=params_of(i_slot),
+                                    ctx=context(row[Field.P_MB], row[Field.P_STAGE], i_slot))
         out = lax.switch(switch_index(plan.forward_branches, row[Field.F_BRANCH]), forward_branches, operands)
-        write = row[Field.F_BRANCH] == Branch.F
+        write = row[Field.F_BRANCH] != Branch.IDLE
         c.stash = [_masked_set(b, jnp.maximum(row[Field.F_STASH], 0), v, write) for b, v in zip(c.stash, out["stash"])]
         c.loss = c.loss + out["loss"]
         c.stats = _add(c.stats, slot, out["stats"])
         c.act_out = out["y"]
+        if pairs:
+            i = out["pair"]
+            is_pair = row[Field.F_BRANCH] == Branch.PAIR
+            wstash_at = jnp.maximum(row[Field.P_WSTASH], 0)
+            c.wstash = [_masked_set(b, wstash_at, v, is_pair) for b, v in zip(c.wstash, i["wstash"])]
+            c.grads_stage = _add(c.grads_stage, i_slot, i["d_params"]["stage"])
+            c.grads_shared = jax.tree.map(jnp.add, c.grads_shared, i["d_params"]["shared"])
+            c.pair_grad_out = i["d_x"]
         return c
 
     def backward_phase(c: _Carry, row) -> _Carry:
@@ -346,11 +384,17 @@ def _rank_program(plan: Plan, stage_fn, x_aval, owned_params, shared_params, own
         received[Field.GRAD_FROM_SELF] = c.grad_out
         c = forward_phase(c, row)
         c.grad_in = deliver(c.grad_in, row, received)
-        # Backward phase, while this tick's activations travel; they are stored after it.
+        # Backward phase, while this tick's activations (and interleaved pairs' gradients) travel; they
+        # are stored after it.
         received = send("act", c.act_out)
         received[Field.ACT_FROM_SELF] = c.act_out
+        if pairs:
+            received_grads = send("pair_grad", c.pair_grad_out)
+            received_grads[Field.PAIR_GRAD_FROM_SELF] = c.pair_grad_out
         c = backward_phase(c, row)
         c.act_in = deliver(c.act_in, row, received)
+        if pairs:
+            c.grad_in = deliver(c.grad_in, row, received_grads)
         return c, None
 
     num_slots = plan.num_slots
@@ -363,13 +407,14 @@ def _rank_program(plan: Plan, stage_fn, x_aval, owned_params, shared_params, own
         wstash=[jnp.zeros((max(plan.num_wstash, 1),) + a.shape, a.dtype) for a in split.wstash_avals],
         act_in=jnp.zeros((plan.num_act_in + 1,) + x_aval.shape, x_aval.dtype),
         grad_in=jnp.zeros((plan.num_grad_in + 1,) + x_aval.shape, x_aval.dtype),
-        act_out=zero_x, grad_out=zero_x)
+        act_out=zero_x, grad_out=zero_x, pair_grad_out=zero_x if pairs else None)
     log = _RECORDING.get()
     if log is not None:
         one = lambda buffers: sum(_nbytes(b[0]) for b in buffers)  # noqa: E731
         log.append(RankBuffers(
             stash_slot=one(carry.stash), num_stash=plan.num_stash, wstash_slot=one(carry.wstash),
-            num_wstash=plan.num_wstash, inboxes=_nbytes((carry.act_in, carry.grad_in, carry.act_out, carry.grad_out)),
+            num_wstash=plan.num_wstash,
+            inboxes=_nbytes((carry.act_in, carry.grad_in, carry.act_out, carry.grad_out, carry.pair_grad_out)),
             slot_params=_nbytes(slot_params), shared_params=_nbytes(shared_params),
             stage_grads=_nbytes(carry.grads_stage), shared_grads=_nbytes(carry.grads_shared)))
     carry, _ = lax.scan(tick, carry, table)

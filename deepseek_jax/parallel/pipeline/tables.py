@@ -12,6 +12,13 @@ while B computes, B's output while the next tick's F computes), and a hop costs 
 activation made in tick t is used from tick t+1's forward phase on, a gradient made in tick t from
 tick t+1's backward phase on; a rank's own F can be followed by its B in the same tick.
 
+Interleaved pairs (`build_plan(schedule, interleave_pairs=True)`): an F&B pair runs its F and its
+I (the input-gradient half of its B) in one computation in the forward phase, and the B's W in the
+backward phase. Neither half reads what the other computes, so each one's expert all-to-alls can
+travel while the other computes (report Figure 4); the I's gradient leaves during the backward phase
+beside W and the activations, and is used from tick t+1's forward phase on (a pair's I can then
+consume it there).
+
 `build_plan(schedule)` places every rank's ops, in the schedule's order, at the earliest phase their
 inputs allow (all schedule logic stays in schedules.py; this is placement and bookkeeping) and turns
 the result into an int32 table [ticks, ranks, fields]: what every rank computes in each phase (which
@@ -49,16 +56,18 @@ class Branch(enum.IntEnum):
     B = 2  # full backward
     I = 3  # noqa: E741  input-gradient backward; its W runs later
     W = 4
+    PAIR = 5  # the F and the I of an interleaved F&B pair, in one computation (forward phase)
 
 
-FORWARD_BRANCHES = (Branch.IDLE, Branch.F)
+FORWARD_BRANCHES = (Branch.IDLE, Branch.F, Branch.PAIR)
 BACKWARD_BRANCHES = (Branch.IDLE, Branch.B, Branch.I, Branch.W)
 
 
 class Field(enum.IntEnum):
-    """Columns of the op table. F_* describe the forward phase, B_* the backward phase (B, I or W)."""
+    """Columns of the op table. F_* describe the forward phase, B_* the backward phase (B, I or W),
+    P_* the I of an interleaved pair (forward phase, F_BRANCH = PAIR)."""
 
-    F_BRANCH = 0  # Branch.IDLE or Branch.F
+    F_BRANCH = 0  # Branch.IDLE, F or PAIR
     F_SLOT = 1  # local module slot
     F_STAGE = 2  # global stage
     F_MB = 3  # micro-batch index into the inputs (direction * per-direction count + micro-batch)
@@ -77,6 +86,15 @@ class Field(enum.IntEnum):
     GRAD_FROM_LEFT = 16  # grad_in slot for the gradient arriving (during this tick's forward phase)
     GRAD_FROM_RIGHT = 17
     GRAD_FROM_SELF = 18  # grad_in slot for the previous tick's own gradient (DualPipeV's turn)
+    P_SLOT = 19
+    P_STAGE = 20
+    P_MB = 21
+    P_IN = 22  # grad_in slot holding the pair's output gradient; -1 at the last stage
+    P_STASH = 23
+    P_WSTASH = 24  # wstash slot the pair's I writes
+    PAIR_GRAD_FROM_LEFT = 25  # grad_in slot for a pair's gradient arriving (during the backward phase)
+    PAIR_GRAD_FROM_RIGHT = 26
+    PAIR_GRAD_FROM_SELF = 27
 
 
 NUM_FIELDS = len(Field)
@@ -84,18 +102,18 @@ _FORWARD, _BACKWARD = 0, 1  # the two phases of a tick
 
 # Channels: (payload, direction of travel) -> the field where the receiver stores it.
 CHANNELS = {("act", +1): Field.ACT_FROM_LEFT, ("act", -1): Field.ACT_FROM_RIGHT,
-            ("grad", +1): Field.GRAD_FROM_LEFT, ("grad", -1): Field.GRAD_FROM_RIGHT}
-_SELF = {"act": Field.ACT_FROM_SELF, "grad": Field.GRAD_FROM_SELF}
+            ("grad", +1): Field.GRAD_FROM_LEFT, ("grad", -1): Field.GRAD_FROM_RIGHT,
+            ("pair_grad", +1): Field.PAIR_GRAD_FROM_LEFT, ("pair_grad", -1): Field.PAIR_GRAD_FROM_RIGHT}
+_SELF = {"act": Field.ACT_FROM_SELF, "grad": Field.GRAD_FROM_SELF, "pair_grad": Field.PAIR_GRAD_FROM_SELF}
 _BRANCH = {Kind.FORWARD: Branch.F, Kind.BACKWARD: Branch.B, Kind.INPUT_GRAD: Branch.I, Kind.WEIGHT_GRAD: Branch.W}
 
 OpCost = Callable[[Op], float]  # seconds (or units) of one computation: F, B, I or W of one stage
 
 
 def op_cost(cost: CostModel) -> OpCost:
-    """The per-op cost of a `CostModel` (an F&B pair costs its two halves, one per phase)."""
-    durations = {Kind.FORWARD: cost.forward, Kind.BACKWARD: cost.backward, Kind.INPUT_GRAD: cost.input_grad,
-                 Kind.WEIGHT_GRAD: cost.weight_grad}
-    return lambda half: durations[half.kind]
+    """The per-op cost of a `CostModel`: an F&B pair costs its two halves, one per phase, or, when
+    interleaved, its F and I together in the forward phase (the simulator's pair with its W deferred)."""
+    return cost.duration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +122,8 @@ class Plan:
 
     Attributes:
       schedule: the schedule.
-      phases: [tick][rank] -> (the F of its forward phase, the B/I/W of its backward phase), None = idle.
+      phases: [tick][rank] -> (the F of its forward phase, the B/I/W of its backward phase), None = idle;
+        an interleaved pair's forward-phase op is an OVERLAPPED op whose halves are its F and its I.
       table: int32 [ticks, ranks, NUM_FIELDS].
       forward_branches, backward_branches: the branches each phase uses (others are not compiled).
       channels: the (payload, +1 right / -1 left) point-to-point channels the schedule uses.
@@ -200,7 +219,15 @@ def _ready(half: Op, last: int, ready: dict) -> tuple[int, int] | None:
     return None if None in needs else max(needs)
 
 
-def _place(schedule: Schedule) -> list[list[list[Op | None]]]:
+def _interleaved(op: Op) -> tuple[Op, Op | None]:
+    """An F&B pair as the executor interleaves it: (its F and I as one OVERLAPPED op, the W of its B, or
+    None when its backward half is an I whose W the schedule places itself)."""
+    f, b = op.halves()
+    w = dataclasses.replace(b, kind=Kind.WEIGHT_GRAD) if b.kind == Kind.BACKWARD else None
+    return dataclasses.replace(f, kind=Kind.OVERLAPPED, backward=dataclasses.replace(b, kind=Kind.INPUT_GRAD)), w
+
+
+def _place(schedule: Schedule, interleave_pairs: bool) -> list[list[list[Op | None]]]:
     """[tick][rank] -> [forward-phase op, backward-phase op]: every op at the earliest phase its inputs
     and its rank's previous op allow (module docstring)."""
     num_ranks, last = schedule.num_ranks, schedule.num_stages - 1
@@ -210,18 +237,21 @@ def _place(schedule: Schedule) -> list[list[list[Op | None]]]:
     placed: list[list[list[Op | None]]] = []
     remaining = sum(len(ops) for ops in schedule.ops)
 
-    def put(t: int, r: int, phase: int, half: Op) -> None:
+    def put(t: int, r: int, phase: int, op: Op) -> None:
         while len(placed) <= t:
             placed.append([[None, None] for _ in range(num_ranks)])
-        placed[t][r][phase] = half
-        d, m, s = half.direction, half.microbatch, half.stage
-        if half.kind == Kind.FORWARD:
-            ready[("own", d, m, s)] = (t, _BACKWARD)
-            ready[("act", d, m, s)] = (t + 1, _FORWARD)
-        elif half.kind in (Kind.BACKWARD, Kind.INPUT_GRAD):
-            ready[("grad", d, m, s)] = (t + 1, _BACKWARD)
-            if half.kind == Kind.INPUT_GRAD:
-                ready[("input_grad", d, m, s)] = (t + 1, _BACKWARD)
+        placed[t][r][phase] = op
+        for half in op.halves():
+            d, m, s = half.direction, half.microbatch, half.stage
+            if half.kind == Kind.FORWARD:
+                ready[("own", d, m, s)] = (t, _BACKWARD)
+                ready[("act", d, m, s)] = (t + 1, _FORWARD)
+            elif half.kind in (Kind.BACKWARD, Kind.INPUT_GRAD):
+                # Made in a backward phase, a gradient travels during the next forward phase; made in a
+                # forward phase (an interleaved pair's I), during its own tick's backward phase.
+                ready[("grad", d, m, s)] = (t + 1, phase)
+                if half.kind == Kind.INPUT_GRAD:
+                    ready[("input_grad", d, m, s)] = (t + phase, _BACKWARD)
 
     while remaining:
         progressed = False
@@ -232,14 +262,23 @@ def _place(schedule: Schedule) -> list[list[list[Op | None]]]:
                 wanted = [_ready(h, last, ready) for h in halves]
                 if None in wanted:
                     break
+                fused = interleave_pairs and op.kind == Kind.OVERLAPPED
                 t = cursor[r][0] + (cursor[r][1] == _BACKWARD and halves[0].kind == Kind.FORWARD)
                 for half, (tick, phase) in zip(halves, wanted):
-                    # A forward half needs its tick's forward phase; a backward half may share a tick
-                    # with the inputs that are ready in its backward phase.
-                    t = max(t, tick + (half.kind == Kind.FORWARD and phase == _BACKWARD))
-                for half in halves:
-                    put(t, r, _FORWARD if half.kind == Kind.FORWARD else _BACKWARD, half)
-                cursor[r] = (t + 1, _FORWARD) if halves[-1].kind != Kind.FORWARD else (t, _BACKWARD)
+                    # A forward-phase computation (an F, an interleaved pair's I) needs its inputs by its
+                    # tick's forward phase; a backward half may share a tick with inputs ready in its
+                    # backward phase.
+                    t = max(t, tick + (phase == _BACKWARD and (fused or half.kind == Kind.FORWARD)))
+                if fused:
+                    pair, w = _interleaved(op)
+                    put(t, r, _FORWARD, pair)
+                    if w is not None:
+                        put(t, r, _BACKWARD, w)
+                    cursor[r] = (t, _BACKWARD) if w is None else (t + 1, _FORWARD)
+                else:
+                    for half in halves:
+                        put(t, r, _FORWARD if half.kind == Kind.FORWARD else _BACKWARD, half)
+                    cursor[r] = (t + 1, _FORWARD) if halves[-1].kind != Kind.FORWARD else (t, _BACKWARD)
                 position[r] += 1
                 remaining -= 1
                 progressed = True
@@ -250,9 +289,10 @@ def _place(schedule: Schedule) -> list[list[list[Op | None]]]:
     return placed
 
 
-def build_plan(schedule: Schedule) -> Plan:
-    """Op table and buffer slots for `schedule` (see the module docstring)."""
-    placed = _place(schedule)
+def build_plan(schedule: Schedule, interleave_pairs: bool = False) -> Plan:
+    """Op table and buffer slots for `schedule` (see the module docstring); `interleave_pairs` runs every
+    F&B pair's F and I as one computation."""
+    placed = _place(schedule, interleave_pairs)
     num_ranks, last = schedule.num_ranks, schedule.num_stages - 1
     mpd = schedule.microbatches_per_direction
     table = np.full((len(placed), num_ranks, NUM_FIELDS), -1, np.int32)
@@ -264,9 +304,10 @@ def build_plan(schedule: Schedule) -> Plan:
     channels = set()
 
     def send(t: int, src: int, payload: str, key: tuple, dst: int) -> None:
-        """Routes a value made in tick t by rank src: activations are stored at the end of tick t,
-        gradients after the forward phase of tick t+1 (key = direction, micro-batch, consumer stage)."""
-        when = t if payload == "act" else t + 1
+        """Routes a value made in tick t by rank src: activations and a pair's gradients are stored at
+        the end of tick t, other gradients after the forward phase of tick t+1 (key = direction,
+        micro-batch, consumer stage)."""
+        when = t + 1 if payload == "grad" else t
         if dst == src:
             field = _SELF[payload]
         elif abs(dst - src) == 1:
@@ -281,11 +322,23 @@ def build_plan(schedule: Schedule) -> Plan:
             table[t, r, field] = (act_in if payload == "act" else grad_in)[r].alloc(key)
 
     for t, row in enumerate(placed):
-        for r, (f, _) in enumerate(row):  # forward phase
-            if f is None:
+        for r, (op, _) in enumerate(row):  # forward phase
+            if op is None:
                 continue
-            d, m, s, entry = f.direction, f.microbatch, f.stage, table[t, r]
-            entry[[Field.F_BRANCH, Field.F_SLOT, Field.F_STAGE, Field.F_MB]] = Branch.F, f.module, s, d * mpd + m
+            entry = table[t, r]
+            if op.kind == Kind.OVERLAPPED:  # an interleaved pair's I (its stash is found before F allocates)
+                i = op.backward
+                d, m, s = i.direction, i.microbatch, i.stage
+                entry[[Field.P_SLOT, Field.P_STAGE, Field.P_MB]] = i.module, s, d * mpd + m
+                entry[Field.P_STASH] = stash[r].find((d, m, s))
+                entry[Field.P_IN] = grad_in[r].release((d, m, s)) if s < last else -1
+                entry[Field.P_WSTASH] = wstash[r].alloc((d, m, s))
+                if s > 0:
+                    send(t, r, "pair_grad", (d, m, s - 1), schedule.backward_destination(d, s))
+            f = op.halves()[0]
+            d, m, s = f.direction, f.microbatch, f.stage
+            branch = Branch.PAIR if op.kind == Kind.OVERLAPPED else Branch.F
+            entry[[Field.F_BRANCH, Field.F_SLOT, Field.F_STAGE, Field.F_MB]] = branch, f.module, s, d * mpd + m
             entry[Field.F_IN] = act_in[r].release((d, m, s)) if s > 0 else -1
             entry[Field.F_STASH] = stash[r].alloc((d, m, s))
             if s < last:
@@ -309,6 +362,7 @@ def build_plan(schedule: Schedule) -> Plan:
             if s > 0:
                 send(t, r, "grad", (d, m, s - 1), schedule.backward_destination(d, s))
         store(t, "act")
+        store(t, "pair_grad")
     if in_flight:
         raise AssertionError(f"values arrive after the last tick: {in_flight}")
     for buffers in (stash, wstash, act_in, grad_in):
@@ -317,7 +371,7 @@ def build_plan(schedule: Schedule) -> Plan:
     sizes = [max(b.size for b in buffers) for buffers in (stash, wstash, act_in, grad_in)]
     # Arrivals nobody stores go to the discard slot (index = inbox size).
     for field in Field:
-        if field.name.startswith(("ACT_FROM", "GRAD_FROM")):
+        if field.name.startswith(("ACT_FROM", "GRAD_FROM", "PAIR_GRAD_FROM")):
             column = table[:, :, field]
             column[column < 0] = sizes[2] if field.name.startswith("ACT") else sizes[3]
     def used(column, every):

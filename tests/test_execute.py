@@ -18,12 +18,14 @@ import numpy as np
 import optax
 import pytest
 from common import micro_run_config
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.experts import dense_dispatch
 from deepseek_jax.ops.fp8 import Fp8Recipe
 from deepseek_jax.parallel import dispatch as dispatch_lib
 from deepseek_jax.parallel import mesh as mesh_lib
+from deepseek_jax.parallel.expert_parallel import ExpertParallelInShardMap
 from deepseek_jax.parallel.pipeline import execute, overlap, schedules
 from deepseek_jax.parallel.pipeline.backward_split import split_stage
 from deepseek_jax.parallel.pipeline.schedules import Kind
@@ -113,6 +115,10 @@ def stage_data_mesh(stage: int, data: int):
     return mesh_lib.make_mesh(ml_collections.ConfigDict(dict(stage=stage, data=data, expert=1, tensor=1)))
 
 
+def stage_expert_mesh(stage: int, data: int, expert: int):
+    return mesh_lib.make_mesh(ml_collections.ConfigDict(dict(stage=stage, data=data, expert=expert, tensor=1)))
+
+
 @pytest.mark.parametrize("name, ranks, data", [(name, 4, 2) for name in schedules.SCHEDULES] + [("dualpipev", 2, 4)])
 def test_toy_pipeline_with_data_parallelism_matches_unpipelined(name, ranks, data):
     """Pipeline ranks x data shards: each shard runs its part of every micro-batch's rows. (DualPipeV
@@ -124,6 +130,89 @@ def test_toy_pipeline_with_data_parallelism_matches_unpipelined(name, ranks, dat
         x_aval=jax.ShapeDtypeStruct((B, D), jnp.float32), consts=consts), compiler_options=FAST_COMPILE)(
         stage, shared, inputs)
     loss, grads, stats = toy_reference(stage, shared, inputs, consts)
+    assert_close(result.loss, loss)
+    assert_close(result.grads, grads)
+    assert_close(result.stats["x_sum"], stats)
+
+
+NUM_EXPERTS, TOP_K, FFN = 8, 2, 8  # the toy MoE layer: routed experts, experts per row, expert width
+
+
+def toy_moe_stage(experts):
+    """A toy stage with a routed MoE layer: stage 0 embeds (shared w_in), one tanh layer, each row routed to
+    its top-2 of 8 SwiGLU experts (router softmax), `experts(x, weights, indices, (gate, up, down))` adding
+    their weighted output, the last stage scores (shared w_out)."""
+
+    def stage_fn(params, x, ctx):
+        p, shared = params["stage"], params["shared"]
+        x = jnp.where(ctx.stage == 0, jnp.tanh(ctx.batch["x"] @ shared["w_in"]), x)
+        x = jnp.tanh(x @ p["w"] + p["b"][None, :])
+        weights, indices = jax.lax.top_k(jax.nn.softmax(x @ p["router"]), TOP_K)
+        x = x + experts(x, weights, indices, (p["gate"], p["up"], p["down"]))
+        pred = x @ shared["w_out"]
+        loss = jnp.where(ctx.stage == ctx.consts["stage_marker"].shape[0] - 1,
+                         0.5 * jnp.sum((pred - ctx.batch["y"]) ** 2), 0.0)
+        return (x, loss), {"x_sum": jnp.sum(x)}
+
+    return stage_fn
+
+
+def toy_moe_problem(num_stages, num_microbatches, rows, seed=3):
+    k = jax.random.split(jax.random.key(seed), 9)
+    S, E = num_stages, NUM_EXPERTS
+    stage = {"w": jax.random.normal(k[0], (S, D, D)) / np.sqrt(D), "b": jax.random.normal(k[1], (S, D)) / 10,
+             "router": jax.random.normal(k[2], (S, D, E)),
+             "gate": jax.random.normal(k[3], (S, E, D, FFN)) / np.sqrt(D),
+             "up": jax.random.normal(k[4], (S, E, D, FFN)) / np.sqrt(D),
+             "down": jax.random.normal(k[5], (S, E, FFN, D)) / np.sqrt(FFN)}
+    shared = {"w_in": jax.random.normal(k[6], (IN, D)), "w_out": jax.random.normal(k[7], (D, OUT)) / 4}
+    data = jax.random.normal(k[8], (num_microbatches, rows, IN + OUT))
+    return stage, shared, {"x": data[..., :IN], "y": data[..., IN:]}, {"stage_marker": jnp.zeros((S,))}
+
+
+@functools.partial(jax.jit, compiler_options=FAST_COMPILE)
+def toy_moe_reference(stage, shared, inputs, consts):
+    """Un-pipelined, every expert on every row (dense dispatch): (loss, grads, stats [S])."""
+    num_stages = consts["stage_marker"].shape[0]
+    stage_fn = toy_moe_stage(dense_dispatch)
+
+    def loss_fn(stage, shared):
+        total, stats = 0.0, []
+        x = jnp.zeros(inputs["x"].shape[:2] + (D,))
+        for s in range(num_stages):
+            ctx = execute.StageContext(inputs, jnp.int32(s), {}, consts)
+            params = {"stage": jax.tree.map(lambda a: a[s], stage), "shared": shared}
+            (x, loss), st = jax.vmap(lambda xm, bm: stage_fn(params, xm, ctx._replace(batch=bm)))(x, inputs)
+            total, stats = total + loss.sum(), stats + [st["x_sum"].sum()]
+        return total, jnp.stack(stats)
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(stage, shared)
+    return loss, {"stage": grads[0], "shared": grads[1]}, stats
+
+
+# The executor's side of pipeline x expert parallelism, every schedule on each of the three 8-device
+# layouts: each stage's experts split over 'expert' (stage_specs), rows over every non-stage axis, tokens
+# moved to the experts by all-to-all inside the pipeline's shard_map; F&B pairs interleaved as the trainer
+# runs them. (The real model runs every schedule once below: each of its cases compiles a whole step.)
+@pytest.mark.parametrize("stage, data, expert", [(2, 1, 4), (4, 1, 2), (2, 2, 2)])
+@pytest.mark.parametrize("name", schedules.SCHEDULES)
+def test_toy_moe_pipeline_with_experts_split_in_the_stages_matches_dense(name, stage, data, expert):
+    plan = pipelined.make_plan(name, stage, 2 * stage, expert_devices=expert)
+    rows = 8  # per micro-batch: 2 per device on every layout
+    S, M = plan.schedule.num_stages, plan.schedule.num_microbatches
+    params, shared, inputs, consts = toy_moe_problem(S, M, rows)
+    in_stage = ExpertParallelInShardMap(ep=expert)
+    split = P("expert", None, None)
+    specs = {"w": P(), "b": P(), "router": P(), "gate": split, "up": split, "down": split}
+    run = jax.jit(lambda st, sh, inp: execute.pipeline_gradients(
+        plan, toy_moe_stage(lambda *a: in_stage(*a, None)[0]), st, sh, inp,
+        mesh=stage_expert_mesh(stage, data, expert), x_aval=jax.ShapeDtypeStruct((rows, D), jnp.float32),
+        consts=consts, stage_specs=specs), compiler_options=FAST_COMPILE)
+    with jax.set_mesh(stage_expert_mesh(stage, data, expert)):
+        compiled = run.lower(params, shared, inputs).compile(FAST_COMPILE)
+    assert "all-to-all" in compiled.as_text()
+    result = compiled(params, shared, inputs)
+    loss, grads, stats = toy_moe_reference(params, shared, inputs, consts)
     assert_close(result.loss, loss)
     assert_close(result.grads, grads)
     assert_close(result.stats["x_sum"], stats)
@@ -331,10 +420,6 @@ def test_real_model_train_step_matches_unpipelined(micro, name, stage, data, mic
     assert set(metrics) == set(ref_metrics)
     assert_close({k: metrics[k] for k in ref_metrics if k != "finite"},
                  {k: ref_metrics[k] for k in ref_metrics if k != "finite"})
-
-
-def stage_expert_mesh(stage: int, data: int, expert: int):
-    return mesh_lib.make_mesh(ml_collections.ConfigDict(dict(stage=stage, data=data, expert=expert, tensor=1)))
 
 
 @pytest.fixture(scope="module")

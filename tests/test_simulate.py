@@ -40,6 +40,17 @@ def test_p2p_latency_adds_to_the_critical_path(p):
     assert one_f_one_b.total_time > ideal
 
 
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_stage_dependent_durations_make_the_slow_stage_the_bottleneck(m):
+    """GPipe on 2 ranks with the last stage twice as slow (e.g. the output head): every F must pass stage
+    1, whose M forwards and then M backwards run back to back, so the makespan is F0 + M F1 + M B1 + B0."""
+    f, b = {0: 1.0, 1: 2.0}, {0: 1.5, 1: 3.0}
+    timeline = simulate(schedules.gpipe(2, m), CostModel(),
+                        duration=lambda op: (f if op.kind == Kind.FORWARD else b)[op.stage])
+    assert timeline.total_time == f[0] + m * f[1] + m * b[1] + b[0]
+    assert timeline.busy == (m * (f[0] + b[0]), m * (f[1] + b[1]))
+
+
 @pytest.mark.parametrize("p", [2, 4, 8])
 @pytest.mark.parametrize("m_of_p", [lambda p: p, lambda p: 3 * p + 1])
 @pytest.mark.parametrize("f,b,w", [(1, 2, 1), (1, 1, 0.5), (1, 2, 0.5), (2, 3, 1)])

@@ -24,6 +24,7 @@ Definitions (DeepSeek-V3 report, Table 2):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from deepseek_jax.parallel.pipeline.schedules import Kind, Op, Schedule
 
@@ -146,8 +147,11 @@ def _deadlock_message(schedule: Schedule, position: list[int], produced: dict) -
     return "\n".join(lines)
 
 
-def simulate(schedule: Schedule, cost: CostModel) -> Timeline:
-    """Runs `schedule` under `cost` (see the module docstring); raises DeadlockError if it cannot finish."""
+def simulate(schedule: Schedule, cost: CostModel, duration: Callable[[Op], float] | None = None) -> Timeline:
+    """Runs `schedule` under `cost` (see the module docstring); raises DeadlockError if it cannot finish.
+    `duration(op)`, if given, replaces `cost.duration` (e.g. measured costs that depend on the stage);
+    `cost` still gives the p2p latency."""
+    duration = cost.duration if duration is None else duration
     num_ranks = schedule.num_ranks
     produced: dict[tuple, tuple[float, int]] = {}  # key -> (time available on its rank, rank)
     position = [0] * num_ranks
@@ -168,7 +172,7 @@ def simulate(schedule: Schedule, cost: CostModel) -> Timeline:
                 if any(k not in produced for k in needs):
                     break
                 start = max([free_at[r]] + [arrival(k, r) for k in needs])
-                end = start + cost.duration(op)
+                end = start + duration(op)
                 for h in op.halves():
                     for key in _produces(h):
                         if key in produced:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from common import model_config, to_f64
 
-from deepseek_jax.model import rope
+from deepseek_jax.model import mla, rope
 from deepseek_jax.model.mla import MLA, attention_mask
 
 YARN = dict(type="yarn", factor=40.0, original_max_position_embeddings=64, beta_fast=32, beta_slow=1,
@@ -85,8 +85,12 @@ def mla_reference(p, x, positions, segments, cfg):
     return out * (segments != 0)[..., None]
 
 
-@pytest.mark.parametrize("q_lora_rank, rope_scaling", [(96, None), (None, None), (96, YARN), (None, YARN)])
-def test_mla_matches_float64_reference(q_lora_rank, rope_scaling):
+# query_chunk 4: self-attention in blocks of 4 queries (4, 4, 1), the document boundary of row 1 on a block
+# edge and its padding inside the last two blocks; 128: one block.
+@pytest.mark.parametrize("q_lora_rank, rope_scaling, query_chunk", [
+    (96, None, 128), (None, None, 128), (96, YARN, 128), (None, YARN, 128), (96, None, 4), (None, YARN, 4)])
+def test_mla_matches_float64_reference(q_lora_rank, rope_scaling, query_chunk, monkeypatch):
+    monkeypatch.setattr(mla, "QUERY_CHUNK", query_chunk)
     cfg = model_config(q_lora_rank=q_lora_rank, rope_scaling=rope_scaling, hidden_size=64)
     B, T = 2, 9
     x = jax.random.normal(jax.random.key(0), (B, T, cfg.hidden_size), jnp.float32)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from common import model_config
 
+from deepseek_jax.model.experts import blocked_swiglu
 from deepseek_jax.model.moe import MoE, select_experts, sequence_balance_loss
 
 
@@ -112,6 +113,46 @@ def test_dense_and_ragged_dispatch_agree(tokens):
     assert counts.sum() == tokens * cfg.num_experts_per_tok
     assert counts[6] == counts[7] == 0
     np.testing.assert_array_equal(counts, np.asarray(dense_stats["expert_counts"]))
+
+
+def swiglu_reference(x_MD, sizes_E, w):
+    """Expert by expert in float64 over its contiguous rows; rows past the groups give zeros."""
+    gate, up, down = (np.asarray(a, np.float64) for a in w)
+    x, out, start = np.asarray(x_MD, np.float64), np.zeros(x_MD.shape), 0
+    for e, n in enumerate(np.asarray(sizes_E)):
+        h = x[start:start + n] @ gate[e]
+        out[start:start + n] = (h / (1 + np.exp(-h)) * (x[start:start + n] @ up[e])) @ down[e]
+        start += n
+    return out
+
+
+# Group sizes: uneven with empty experts, one expert taking every row, every row in one block's tail,
+# rows past the groups (expert parallelism's empty receive slots), a single row.
+@pytest.mark.parametrize("sizes", [(37, 0, 90, 1, 0, 3, 50, 19), (200, 0, 0, 0, 0, 0, 0, 0),
+                                   (17, 17, 17, 17, 17, 17, 17, 17), (5, 0, 60, 0, 0, 9, 0, 0),
+                                   (0, 0, 1, 0, 0, 0, 0, 0)])
+def test_blocked_grouped_gemms_match_a_loop_and_ragged_dot(sizes):
+    """The CPU form of the grouped GEMMs (experts' rows padded into blocks, model/experts.py): values
+    against a float64 loop over experts, values and gradients against lax.ragged_dot."""
+    M, (D, F) = 200, (24, 16)
+    k = jax.random.split(jax.random.key(len(sizes) + sizes[0]), 4)
+    x = jax.random.normal(k[0], (M, D))
+    w = (jax.random.normal(k[1], (8, D, F)) / 5, jax.random.normal(k[2], (8, D, F)) / 5,
+         jax.random.normal(k[3], (8, F, D)) / 4)
+    sizes_E = jnp.asarray(sizes, jnp.int32)
+
+    def ragged(x, w):
+        gate, up, down = w
+        h = nn.silu(jax.lax.ragged_dot(x, gate, sizes_E)) * jax.lax.ragged_dot(x, up, sizes_E)
+        return jax.lax.ragged_dot(h, down, sizes_E)
+
+    blocked = jax.jit(lambda x, w: blocked_swiglu(x, sizes_E, w))
+    np.testing.assert_allclose(np.asarray(blocked(x, w)), swiglu_reference(x, sizes_E, w), atol=1e-5, rtol=1e-5)
+    probe = jax.random.normal(jax.random.key(9), (M, D))
+    grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * probe), argnums=(0, 1)))(x, w)
+             for f in (blocked, ragged)]
+    for got, want in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
 def test_moe_output_against_per_token_loop():

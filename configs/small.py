@@ -1,4 +1,10 @@
-"""A 40M-parameter (17M activated) DeepSeek-V3 for CPU benchmarks: 16 experts, top-4, 6 layers, 512-byte rows."""
+"""A 40M-parameter (17M activated) DeepSeek-V3 for CPU benchmarks: 16 experts, top-4, 6 layers, 512-byte rows.
+
+Variants as configs/tiny.py's (`:mtp=0`, `:dispatch=dense`, `:remat=none`). It recomputes as DeepSeek-V3 does
+(remat='deepseek') by default: on this CPU the step is about 20% faster than storing every activation (the
+stored [B, H, T, T] attention values and their zero-filled stacks cost more memory traffic than the
+recomputation costs), and holds 1.4 GiB of temporaries instead of 3.5 (measured side by side in one process).
+"""
 
 import ml_collections
 
@@ -6,7 +12,7 @@ from deepseek_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    opts = defaults.parse_variant(arg, mtp=1, dispatch="ragged", remat="none")
+    opts = defaults.parse_variant(arg, mtp=1, dispatch="ragged", remat="deepseek")
     config = defaults.base_config()
     config.model = ml_collections.ConfigDict(dict(
         vocab_size=264,  # Bytes + specials.

@@ -24,7 +24,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("yarn",)
 # Fields that choose how the model is computed or routed at run time, not which weights it has: a checkpoint
 # may be resumed or loaded with other values.
-RUNTIME_FIELDS = ("dtype", "moe_dispatch", "remat", "moe_capacity_factor", "node_groups", "node_limit")
+RUNTIME_FIELDS = ("dtype", "moe_dispatch", "remat", "moe_capacity_factor", "node_groups", "node_limit",
+                  "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,8 @@ class ModelConfig:
     node_groups: int = 0  # Node-limited routing: the experts form this many contiguous device groups ...
     node_limit: int = 0  # ... and each token uses experts on at most this many of them (0 = no limit).
     remat: str = "none"  # Backward recomputation policy, see model/remat.py.
+    scan_layers: bool = True  # Layers of a stack in one loop (compile time flat in depth); False unrolls it
+    # (XLA's cost analysis then counts every layer: it counts a loop body once).
 
     def __post_init__(self) -> None:
         # Flax hashes module attributes (the config is one), so the YaRN dict is frozen here.
@@ -230,6 +233,8 @@ def validate(cfg: ModelConfig) -> ModelConfig:
         _fail("dtype", f"{cfg.dtype!r} is not a compute dtype", f"use one of {DTYPES}")
     _validate_rope_scaling(cfg)
     _validate_routing(cfg)
+    if not isinstance(cfg.scan_layers, bool):
+        _fail("scan_layers", f"{cfg.scan_layers!r} is not a bool", "use True or False")
     if cfg.remat not in REMAT_POLICIES:
         _fail("remat", f"{cfg.remat!r} is not a policy", f"use one of {sorted(REMAT_POLICIES)}")
     return cfg

@@ -53,8 +53,8 @@ def layer_stack(cfg: ModelConfig, name: str, length: int | None = None, *, recip
                 unrolled: bool = False) -> nn.Module:
     """Stack `name` (DENSE or MOE) as one scanned module of `length` layers (default: all of them), with
     the configured recomputation; its leading axis is named LAYER_AXIS[name] (model/names.py).
-    `unrolled`: no loop in the compiled program (the layers' ops in the caller's computation, where a
-    scheduler can overlap them with independent work; compile time grows with `length`).
+    `unrolled` (or cfg.scan_layers False): no loop in the compiled program (the layers' ops in the caller's
+    computation, where a scheduler can overlap them with independent work; compile time grows with `length`).
 
     Call: (x [B, T, D], positions [B, T], segment_ids [B, T], cache LayerCache [L, B, S, *] | None,
     lengths [B] | None) -> (x, (router stats [L, ...], new cache entries [L, B, T, *] | None)).
@@ -66,7 +66,7 @@ def layer_stack(cfg: ModelConfig, name: str, length: int | None = None, *, recip
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),  # positions, segments, cache, lengths
         length=length,
-        unroll=length if unrolled else 1,
+        unroll=length if unrolled or not cfg.scan_layers else 1,
         metadata_params={nn.PARTITION_NAME: LAYER_AXIS[name]},
     )
     return scanned(cfg, name == MOE, recipe=recipe, dispatch=dispatch, cached_attention=cached_attention)

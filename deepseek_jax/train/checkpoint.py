@@ -3,10 +3,17 @@
 Each save is written to a temporary directory and renamed when complete (orbax's atomic commit), so an
 interrupted save leaves the latest good checkpoint untouched; leftovers are cleaned at start-up. On
 restore the saved model config must equal the run's, and a damaged checkpoint is a clear error.
+
+Every save also records, in its metadata, a digest of every array of the state and the EMA and of the
+data iterator's state, computed from the arrays being saved (train/digest.py); restore recomputes them
+from what it read and refuses a checkpoint whose bytes changed after the save (a `CheckpointError`
+naming the step, the arrays, and the latest earlier step that still verifies). Checkpoints written
+before digests were recorded restore with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -14,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from deepseek_jax.model.config import RUNTIME_FIELDS, ModelConfig
+from deepseek_jax.train import digest
 
 
 class CheckpointError(ValueError):
@@ -25,10 +33,13 @@ def _abstract(tree):
 
 
 class Checkpointer:
-    """Saves and restores {state, ema, data, meta} under `directory/<step>/`."""
+    """Saves and restores {state, ema, data, meta} under `directory/<step>/`. `digests`: record them at
+    each save and verify them at restore (module docstring); False only to measure what they cost
+    (experiments/bench_checkpoint.py)."""
 
-    def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int, async_save: bool = True, digests: bool = True):
         self.directory = os.path.abspath(directory)
+        self.digests = digests
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save)
@@ -42,11 +53,13 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, *, ema: Any, data_state: dict, model_config: ModelConfig,
              force: bool = False) -> bool:
-        items = {
-            "state": ocp.args.StandardSave(state),
-            "data": ocp.args.JsonSave(data_state),
-            "meta": ocp.args.JsonSave({"model": model_config.to_dict(), "step": int(step)}),
-        }
+        meta = {"model": model_config.to_dict(), "step": int(step)}
+        if self.digests:
+            meta["digests"] = {"state": digest.tree_digests(state), "data": digest.json_digest(data_state)}
+            if ema is not None:
+                meta["digests"]["ema"] = digest.tree_digests(ema)
+        items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_state),
+                 "meta": ocp.args.JsonSave(meta)}
         if ema is not None:
             items["ema"] = ocp.args.StandardSave(ema)
         return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -58,13 +71,49 @@ class Checkpointer:
         return self._restore(step, meta=ocp.args.JsonRestore())["meta"]
 
     def restore(self, step: int, state_like: Any, *, ema_like: Any, model_config: ModelConfig) -> dict:
-        """{'state', 'ema', 'data'} of `step`, restored into the shapes/shardings of the templates."""
-        check_model_config(self.restore_meta(step)["model"], model_config, self.path(step))
+        """{'state', 'ema', 'data'} of `step`, restored into the shapes/shardings of the templates and
+        verified against the digests recorded at the save (module docstring)."""
+        meta = self.restore_meta(step)
+        check_model_config(meta["model"], model_config, self.path(step))
+        restored = self._read(step, state_like, ema_like)
+        damaged = self._damaged(meta, restored) if self.digests else []
+        if damaged:
+            intact = next((s for s in sorted(self.all_steps(), reverse=True)
+                           if s < step and self._verifies(s, state_like, ema_like)), None)
+            shown = ", ".join(damaged[:5]) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+            fix = (f"Step {intact} is intact: delete {self.path(step)} (and any later step) to resume from it"
+                   if intact is not None else "No earlier step verifies: start a new workdir")
+            raise CheckpointError(
+                f"checkpoint {self.path(step)} does not match the digests recorded when it was saved: "
+                f"{shown} changed on disk after the save. {fix}.")
+        return restored
+
+    def _read(self, step: int, state_like: Any, ema_like: Any) -> dict:
         items = {"state": ocp.args.StandardRestore(_abstract(state_like)), "data": ocp.args.JsonRestore()}
         if ema_like is not None:
             items["ema"] = ocp.args.StandardRestore(_abstract(ema_like))
         restored = self._restore(step, **items)
         return {"state": restored["state"], "ema": restored.get("ema"), "data": restored["data"]}
+
+    def _verifies(self, step: int, state_like: Any, ema_like: Any) -> bool:
+        try:
+            return not self._damaged(self.restore_meta(step), self._read(step, state_like, ema_like))
+        except CheckpointError:
+            return False
+
+    def _damaged(self, meta: dict, restored: dict) -> list[str]:
+        """What of `restored` differs from the digests in `meta` ('state', 'ema', 'data iterator' + paths)."""
+        recorded = meta.get("digests")
+        if recorded is None:
+            logging.warning("checkpoint step %s records no digests (saved before they were added): restored "
+                            "without verifying its bytes.", meta.get("step"))
+            return []
+        damaged = [f"state{p}" for p in digest.mismatched(restored["state"], recorded["state"])]
+        if restored["ema"] is not None:
+            damaged += [f"ema{p}" for p in digest.mismatched(restored["ema"], recorded.get("ema", {}))]
+        if digest.json_digest(restored["data"]) != recorded["data"]:
+            damaged.append("the data iterator's state")
+        return damaged
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))

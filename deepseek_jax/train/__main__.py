@@ -7,11 +7,16 @@ Several processes (hosts) train together when given --coordinator_address, --num
 --process_id (or the $DEEPSEEK_JAX_* variables that `python -m deepseek_jax.parallel.launch` sets).
 """
 
+import os
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deepseek_jax.parallel import distributed
+from deepseek_jax.train.checkpoint import CheckpointError
+from deepseek_jax.train.loop import TrainingStopped
 from deepseek_jax.train.pretrain import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration file.", lock_config=True)
@@ -33,7 +38,27 @@ def main(argv: list[str]) -> None:
     if jax.process_index() == 0:
         print(f"JAX devices: {jax.devices()} ({jax.process_count()} process(es))")
     logging.set_verbosity(logging.WARNING)  # Keep orbax's per-save INFO lines out of the progress view.
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (CheckpointError, TrainingStopped) as e:  # the run's own verdicts: one message, no traceback
+        stop(f"Training stopped: {e}")
+
+
+def stop(message: str) -> None:
+    """Ends the process with `message` as its last line and exit code 1. After a failed save, tensorstore
+    still completes the cancelled writes on its own threads, each printing a traceback of orbax's closed
+    event loop through sys.excepthook; those are dropped, and the process ends at once (no thread of a
+    failed save may keep it alive)."""
+
+    def drop_closed_loop_noise(kind, value, traceback):
+        if not (kind is RuntimeError and "Event loop is closed" in str(value)):
+            sys.__excepthook__(kind, value, traceback)
+
+    sys.excepthook = drop_closed_loop_noise
+    sys.stdout.flush()
+    sys.stderr.write(f"\n{message}\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":

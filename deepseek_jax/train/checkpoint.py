@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -40,6 +41,7 @@ class Checkpointer:
     def __init__(self, directory: str, *, keep: int, async_save: bool = True, digests: bool = True):
         self.directory = os.path.abspath(directory)
         self.digests = digests
+        self._closed = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save)
@@ -62,10 +64,37 @@ class Checkpointer:
                  "meta": ocp.args.JsonSave(meta)}
         if ema is not None:
             items["ema"] = ocp.args.StandardSave(ema)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self._raising_save_errors(step, self._manager.check_for_errors)  # an earlier background save's
+        return self._raising_save_errors(step, self._manager.save, step, args=ocp.args.Composite(**items),
+                                         force=force)
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Until every save in progress is written (raises CheckpointError if one failed)."""
+        self._raising_save_errors(None, self._manager.wait_until_finished)
+
+    def _raising_save_errors(self, step: int | None, call, *args, **kwargs):
+        """`call(...)`; a failure to write is a CheckpointError naming the path, the cause and the last
+        committed checkpoint, raised after the manager's threads are stopped (so nothing blocks exit)."""
+        try:
+            return call(*args, **kwargs)
+        except Exception as e:  # orbax/tensorstore raise many types for I/O failures.
+            self._abandon()
+            where = self.path(step) if step is not None else f"a checkpoint under {self.directory}"
+            committed = sorted(int(name) for name in os.listdir(self.directory) if name.isdigit()) \
+                if os.path.isdir(self.directory) else []
+            last = (f"the last committed checkpoint, {self.path(committed[-1])}, is untouched" if committed
+                    else "no checkpoint was committed yet")
+            raise CheckpointError(
+                f"could not save {where}: {_cause(e)}. The run stops here; {last}. Free space on that disk "
+                "or fix the directory's permissions, then run the same command to resume.") from e
+
+    def _abandon(self) -> None:
+        """Stops the manager after a failed save, ignoring what else fails on the way."""
+        try:
+            self._manager.close()
+        except Exception:  # noqa: BLE001  the save already failed; this only releases threads
+            logging.debug("closing the checkpoint manager after a failed save also failed", exc_info=True)
+        self._closed = True
 
     def restore_meta(self, step: int) -> dict:
         return self._restore(step, meta=ocp.args.JsonRestore())["meta"]
@@ -131,8 +160,33 @@ class Checkpointer:
         return dict(restored.items())
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for the saves in progress (CheckpointError if one failed) and stops the manager."""
+        if self._closed:
+            return
+        self.wait()
         self._manager.close()
+        self._closed = True
+
+
+def close_quietly(checkpointer: Checkpointer) -> None:
+    """Closes `checkpointer` while another error propagates: a save that fails meanwhile is logged,
+    not raised over it."""
+    try:
+        checkpointer.close()
+    except CheckpointError as e:
+        logging.error("%s", e)
+
+
+def _cause(error: BaseException) -> str:
+    """The innermost message of a chain of exceptions, on one line; for tensorstore's failed writes, the
+    operating system's reason and the file (e.g. 'File too large [os_error_code='27'] writing /x/d/1f')."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).split())
+    failed = re.search(r'Failed writing: "([^"]+)": .*?: ([^:]*\[os_error_code=[^\]]*\])', text)
+    if failed:
+        return f"{failed.group(2).strip()} writing {failed.group(1)}"
+    return f"{type(error).__name__}: {text}"[:600]
 
 
 def check_model_config(saved: dict, current: ModelConfig, where: str) -> None:

@@ -110,7 +110,25 @@ class RunLoop:
         bar = tqdm.tqdm(initial=start, total=self.steps, desc=self.name, unit="step", mininterval=1.0,
                         dynamic_ncols=True, disable=not self.lead)
         self._last_time, self._rate, self._last_eval = time.perf_counter(), 0.0, last_eval
-        pending, done, started = None, start, time.perf_counter()
+        started = time.perf_counter()
+        try:
+            done, interrupted = self._steps(start, step, evaluate, save, describe_eval, bar, summary)
+        finally:  # on errors too: the writer's thread must not outlive the run
+            bar.close()
+            self.writer.close()
+        if self.lead:
+            for plot in self.plots:
+                plot(self.writer.csv_path)
+        summary.update(steps=done, seconds=time.perf_counter() - started, interrupted=interrupted)
+        if self.tokens_per_step:
+            summary["tokens_per_second"] = self._rate
+        return summary
+
+    def _steps(self, start: int, step: StepFn, evaluate: Callable[[], dict[str, float]],
+               save: Callable[[int, bool], str], describe_eval: Callable[[dict[str, float]], str],
+               bar: tqdm.tqdm, summary: dict) -> tuple[int, bool]:
+        """The steps, evaluations and saves of `run`: (steps done, interrupted by SIGTERM)."""
+        pending, done = None, start
         with SigtermFlag() as sigterm:
             for i in range(start, self.steps):
                 metrics = step(i)
@@ -133,15 +151,7 @@ class RunLoop:
                         break
             if pending is not None:
                 self._log(pending[0], self._account(*pending, bar))
-        bar.close()
-        self.writer.close()
-        if self.lead:
-            for plot in self.plots:
-                plot(self.writer.csv_path)
-        summary.update(steps=done, seconds=time.perf_counter() - started, interrupted=bool(sigterm.raised))
-        if self.tokens_per_step:
-            summary["tokens_per_second"] = self._rate
-        return summary
+        return done, bool(sigterm.raised)
 
     def _write(self, bar: tqdm.tqdm, line: str) -> None:
         if self.lead:

@@ -169,9 +169,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    checkpoint_every=config.checkpoint.every, max_bad_steps=t.max_bad_steps,
                    tokens_per_step=config.data.batch_size * config.data.seq_len, lead=lead,
                    plots=[lambda csv: plot_losses(csv, os.path.join(workdir, "loss.png"), title=workdir)])
-    with devices.context():
-        summary = loop.run(start, step=step, evaluate=validate, save=save, postfix=postfix,
-                           describe_eval=lambda r: f"validation {r['eval_bpb']:.3f} bits/byte")
+    try:
+        with devices.context():
+            summary = loop.run(start, step=step, evaluate=validate, save=save, postfix=postfix,
+                               describe_eval=lambda r: f"validation {r['eval_bpb']:.3f} bits/byte")
+    except BaseException:
+        # Let the saves in flight finish (or fail) and the background threads stop before the error
+        # propagates: it is then the last thing a user sees, and nothing keeps the process alive.
+        checkpoint_lib.close_quietly(ckpt)
+        if ema:
+            ema.close()
+        raise
     ckpt.close()
     state = current["state"]
     summary.update(steps=int(placement.host_value(state.step)),

@@ -62,7 +62,7 @@ def test_a_save_that_cannot_be_written_stops_the_run_with_one_message(tmp_path):
     assert code == 1, output[-3000:]
     assert last.startswith("Training stopped: could not save"), output[-3000:]
     assert str(workdir / "checkpoints" / "4") in last and "File too large" in last
-    assert f"{workdir / 'checkpoints' / '2'}, is untouched" in last
+    assert f"the last committed checkpoint is {workdir / 'checkpoints' / '2'}, untouched" in last
     assert committed_steps(workdir) == [2]
     assert {p: p.read_bytes() for p in (workdir / "checkpoints" / "2").rglob("*") if p.is_file()} == before
 

@@ -103,10 +103,16 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
 
 
 def test_run_stops_after_consecutive_bad_steps(tmp_path):
+    """The saves made before the stop (every 2 steps), the last one still in flight when the run stops,
+    are committed, and the message names the last."""
     c = micro_run_config(tmp_path, learning_rate=1e30, warmup_steps=0, steps=20, max_bad_steps=3,
                          ema_decay=0.0)
-    with pytest.raises(TrainingStopped, match="3 consecutive steps with a NaN/Inf"):
+    c.checkpoint.every = 2
+    checkpoints = tmp_path / "run" / "checkpoints"
+    with pytest.raises(TrainingStopped, match=r"3 consecutive steps with a NaN/Inf") as stopped:
         train_and_evaluate(c, str(tmp_path / "run"))
+    last = max(int(d) for d in os.listdir(checkpoints) if d.isdigit())
+    assert str(stopped.value).endswith(f"the last committed checkpoint is {checkpoints / str(last)}, untouched.")
 
 
 # --- remat -------------------------------------------------------------------------------------------

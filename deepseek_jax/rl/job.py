@@ -93,7 +93,8 @@ class Job:
                        plots=plots)
         summary = loop.run(self.start, step=step, evaluate=lambda: {"eval_accuracy": self.evaluate(self.state)},
                            save=save, postfix=postfix,
-                           describe_eval=lambda r: f"held-out greedy accuracy {r['eval_accuracy']:.3f}")
+                           describe_eval=lambda r: f"held-out greedy accuracy {r['eval_accuracy']:.3f}",
+                           checkpointer=self.ckpt)
         self.ckpt.close()
         summary = {"start_step": self.start, "policy_source": self.source, **summary}
         write_json(self.workdir, "summary.json", json.dumps(summary, indent=2))

@@ -80,13 +80,18 @@ class Checkpointer:
         except Exception as e:  # orbax/tensorstore raise many types for I/O failures.
             self._abandon()
             where = self.path(step) if step is not None else f"a checkpoint under {self.directory}"
-            committed = sorted(int(name) for name in os.listdir(self.directory) if name.isdigit()) \
-                if os.path.isdir(self.directory) else []
-            last = (f"the last committed checkpoint, {self.path(committed[-1])}, is untouched" if committed
-                    else "no checkpoint was committed yet")
             raise CheckpointError(
-                f"could not save {where}: {_cause(e)}. The run stops here; {last}. Free space on that disk "
-                "or fix the directory's permissions, then run the same command to resume.") from e
+                f"could not save {where}: {_cause(e)}. The run stops here; {self.last_committed()}. Free space on "
+                "that disk or fix the directory's permissions, then run the same command to resume.") from e
+
+    def last_committed(self) -> str:
+        """Which checkpoint a resume would start from, as a clause: read from the directory, so it holds
+        after a failed save too (a save in progress is a temporary directory until it commits)."""
+        committed = sorted(int(name) for name in os.listdir(self.directory) if name.isdigit()) \
+            if os.path.isdir(self.directory) else []
+        if not committed:
+            return "no checkpoint was committed yet"
+        return f"the last committed checkpoint is {self.path(committed[-1])}, untouched"
 
     def _abandon(self) -> None:
         """Stops the manager after a failed save, ignoring what else fails on the way."""

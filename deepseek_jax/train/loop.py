@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from deepseek_jax.train.checkpoint import Checkpointer, close_quietly
 from deepseek_jax.train.metrics import MetricWriter
 from deepseek_jax.train.placement import host_value
 
@@ -93,12 +94,14 @@ class RunLoop:
 
     def run(self, start: int, *, step: StepFn, evaluate: Callable[[], dict[str, float]],
             save: Callable[[int, bool], str], postfix: Callable[[dict[str, float]], dict[str, str]],
-            describe_eval: Callable[[dict[str, float]], str]) -> dict:
+            describe_eval: Callable[[dict[str, float]], str], checkpointer: Checkpointer | None = None) -> dict:
         """Steps start .. steps-1. Returns the summary {start_step, steps, seconds, interrupted,
         initial_/final_<evaluation metric>, tokens_per_second if known} (the job writes summary.json).
 
         `postfix(host metrics)` gives the bar's fields; the bar also shows the first value of the last
-        evaluation, and `describe_eval(evaluation)` is the line printed after each.
+        evaluation, and `describe_eval(evaluation)` is the line printed after each. `checkpointer`, the one
+        `save` writes with: on an error it is closed before the error propagates (a NaN stop then says
+        which checkpoint is committed).
         """
         self._postfix = postfix
         summary: dict = {"start_step": start}
@@ -113,6 +116,14 @@ class RunLoop:
         started = time.perf_counter()
         try:
             done, interrupted = self._steps(start, step, evaluate, save, describe_eval, bar, summary)
+        except BaseException as e:
+            # The saves in flight finish (or fail) and the checkpointer's threads stop before the error
+            # propagates, so it is the last thing a user sees and nothing keeps the process alive.
+            if checkpointer is not None:
+                close_quietly(checkpointer)
+                if isinstance(e, TrainingStopped):
+                    raise TrainingStopped(f"{e} The run stops here; {checkpointer.last_committed()}.") from None
+            raise
         finally:  # on errors too: the writer's thread must not outlive the run
             bar.close()
             self.writer.close()
@@ -166,8 +177,7 @@ class RunLoop:
             if host["bad_steps"] >= self.max_bad_steps:
                 raise TrainingStopped(
                     f"{int(host['bad_steps'])} consecutive steps with a NaN/Inf loss or gradient (up to step "
-                    f"{step}); lower the learning rate or check the data (or rewards). The last checkpoint is "
-                    "intact.")
+                    f"{step}); lower the learning rate or check the data (or rewards).")
         now = time.perf_counter()
         host["step_seconds"] = now - self._last_time
         self._last_time = now

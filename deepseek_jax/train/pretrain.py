@@ -172,12 +172,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         with devices.context():
             summary = loop.run(start, step=step, evaluate=validate, save=save, postfix=postfix,
-                               describe_eval=lambda r: f"validation {r['eval_bpb']:.3f} bits/byte")
+                               describe_eval=lambda r: f"validation {r['eval_bpb']:.3f} bits/byte",
+                               checkpointer=ckpt)
     except BaseException:
-        # Let the saves in flight finish (or fail) and the background threads stop before the error
-        # propagates: it is then the last thing a user sees, and nothing keeps the process alive.
-        checkpoint_lib.close_quietly(ckpt)
-        if ema:
+        if ema:  # its thread too
             ema.close()
         raise
     ckpt.close()

@@ -70,3 +70,13 @@ def test_a_save_that_cannot_be_written_stops_the_run_with_one_message(tmp_path):
     assert code == 0, output[-3000:]
     assert "Resumed from" in output and committed_steps(workdir) == [2, 4]
     assert np.isfinite(float(open(workdir / "summary.json").read().split('"final_eval_bpb": ')[1].split(",")[0]))
+
+
+def test_a_workdir_that_is_a_file_is_one_line_of_error(tmp_path):
+    workdir = tmp_path / "a_file"
+    workdir.write_text("not a directory")
+    code, output, _ = run(train_command(tmp_path, workdir, steps=2))
+    assert code == 1
+    assert output.strip().splitlines()[-2] == (f"Error: --workdir={workdir}: {workdir} is a file, not a directory; "
+                                                "pass a directory (new or a run's).")
+    assert "Traceback" not in output

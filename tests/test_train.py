@@ -210,14 +210,12 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(full_run, tmp_path)
     c, workdir, _ = full_run
     resumed = str(tmp_path / "resumed")
     shutil.copytree(workdir, resumed)
-    shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))  # Back to the step-3 checkpoint.
-    with open(os.path.join(resumed, "metrics.csv")) as f:  # Forget what steps 4-6 logged.
-        kept = [line for line in f if line.split(",")[0] not in ("4", "5", "6")]
-    with open(os.path.join(resumed, "metrics.csv"), "w") as f:
-        f.writelines(kept)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))  # Back to the step-3 checkpoint, as after a kill.
     summary = train_and_evaluate(c, resumed)
     assert summary["start_step"] == 3
     assert losses_by_step(resumed) == losses_by_step(workdir)  # Exact strings: bit for bit.
+    # The rows steps 4-6 logged before the "kill" are replaced, not repeated.
+    assert [r["step"] for r in read_rows(resumed)] == [r["step"] for r in read_rows(workdir)]
     original = evaluate_checkpoint(c, workdir, step=6)
     again = evaluate_checkpoint(c, resumed, step=6)
     assert original == again
@@ -231,6 +229,18 @@ def test_mismatched_checkpoint_is_named(full_run, tmp_path):
     other.model.kv_lora_rank = 8
     with pytest.raises(checkpoint.CheckpointError, match="kv_lora_rank: checkpoint 16 vs config 8"):
         evaluate_checkpoint(other, workdir)
+
+
+def test_a_refused_resume_leaves_the_runs_config_as_it_was(full_run, tmp_path):
+    c, workdir, _ = full_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    saved = open(os.path.join(copy, "config.json")).read()
+    other = micro_run_config(tmp_path)
+    other.model.kv_lora_rank = 8
+    with pytest.raises(checkpoint.CheckpointError, match="kv_lora_rank: checkpoint 16 vs config 8"):
+        train_and_evaluate(other, copy)
+    assert open(os.path.join(copy, "config.json")).read() == saved
 
 
 def test_truncated_checkpoint_is_a_clear_error(full_run, tmp_path):

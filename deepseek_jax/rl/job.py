@@ -22,7 +22,7 @@ from deepseek_jax.rl import evaluation, policy, rollout, tasks
 from deepseek_jax.rl.config import validate_rl_config
 from deepseek_jax.train import checkpoint as checkpoint_lib
 from deepseek_jax.train import step as step_lib
-from deepseek_jax.train.loop import RunLoop, save_config, write_json
+from deepseek_jax.train.loop import RunLoop, make_workdir, save_config, write_json
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.validation import validate_run_config
 
@@ -49,8 +49,7 @@ class Job:
         self.tokenizer = tokenizers.make_tokenizer(config.data)
         self.task = tasks.make_task(self.rl.task, config.seed)
         rollout.encode_prompts(self.tokenizer, self.task.eval_examples, self.rl.max_prompt_tokens)  # Fail early.
-        os.makedirs(workdir, exist_ok=True)
-        save_config(workdir, config)
+        make_workdir(workdir)
         self.tx = make_optimizer(optimizer_cfg)
         variables, self.source = policy.load_policy(config, self.cfg)
         # Committed to one device like every jitted step's output, so the first step compiles the same
@@ -67,6 +66,7 @@ class Job:
             print(f"Resumed from {self.ckpt.path(self.start)} (started from {self.source}).")
         else:
             print(f"Starting from {self.source}.")
+        save_config(workdir, config)  # only now: a resume refused above leaves config.json as it was
 
     def evaluate(self, state: step_lib.TrainState) -> float:
         """Greedy accuracy on the task's held-out prompts."""

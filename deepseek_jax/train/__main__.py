@@ -42,6 +42,10 @@ def main(argv: list[str]) -> None:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (CheckpointError, TrainingStopped) as e:  # the run's own verdicts: one message, no traceback
         stop(f"Training stopped: {e}")
+    except ValueError as e:  # bad config, data or workdir (the project's errors name the field and the fix)
+        if os.environ.get("DEEPSEEK_JAX_TRACEBACK"):
+            raise
+        stop(f"Error: {e}\n(set DEEPSEEK_JAX_TRACEBACK=1 to see where it was raised)")
 
 
 def stop(message: str) -> None:

@@ -74,6 +74,20 @@ def write_json(workdir: str, name: str, text: str) -> None:
         f.write(text)
 
 
+def make_workdir(workdir: str) -> None:
+    """Creates `workdir` (and its parents), or says plainly why it cannot be one."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except FileExistsError as e:
+        raise ValueError(f"--workdir={workdir}: {e.filename} is a file, not a directory; pass a directory "
+                         "(new or a run's).") from None
+    except OSError as e:
+        raise ValueError(f"--workdir={workdir}: cannot create {e.filename or workdir} ({e.strerror}); pass a "
+                         "directory you can write to.") from None
+    if not os.access(workdir, os.W_OK):
+        raise ValueError(f"--workdir={workdir}: the directory is not writable; pass one you can write to.")
+
+
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     write_json(workdir, "config.json", config.to_json_best_effort(indent=2))
 
@@ -104,6 +118,7 @@ class RunLoop:
         which checkpoint is committed).
         """
         self._postfix = postfix
+        self.writer.forget_after(start)
         summary: dict = {"start_step": start}
         last_eval = {}
         if start == 0:

@@ -17,7 +17,8 @@ class MetricWriter:
     """Scalars to `workdir/tensorboard` and `workdir/metrics.csv`.
 
     The CSV has one row per write; its header is the union of the names seen so far (a new name
-    rewrites the small file with the wider header). A resumed run keeps the rows already there.
+    rewrites the small file with the wider header). A resumed run keeps the rows already there up to the
+    step it resumes from (`forget_after`): rows of steps it will run again are dropped, not repeated.
     """
 
     def __init__(self, workdir: str, enabled: bool = True):
@@ -32,6 +33,19 @@ class MetricWriter:
                 self._columns = list(reader.fieldnames or ["step"])
                 self._rows = list(reader)
 
+    def forget_after(self, step: int) -> None:
+        """Drops the CSV rows of steps after `step` (what a run killed after its last checkpoint logged)."""
+        kept = [row for row in self._rows if int(float(row["step"])) <= step]
+        if self.enabled and len(kept) < len(self._rows):
+            self._rows = kept
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        with open(self.csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self._columns, restval="")
+            writer.writeheader()
+            writer.writerows(self._rows)
+
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
@@ -42,10 +56,7 @@ class MetricWriter:
         new = [name for name in scalars if name not in self._columns]
         if new:
             self._columns += sorted(new)
-            with open(self.csv_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, self._columns, restval="")
-                writer.writeheader()
-                writer.writerows(self._rows)
+            self._rewrite()
         else:
             with open(self.csv_path, "a", newline="") as f:
                 csv.DictWriter(f, self._columns, restval="").writerow(row)

@@ -28,7 +28,7 @@ from deepseek_jax.train import placement
 from deepseek_jax.train import step as step_lib
 from deepseek_jax.train.ema import HostEMA
 from deepseek_jax.train.evaluation import evaluate
-from deepseek_jax.train.loop import RunLoop, save_config, write_json
+from deepseek_jax.train.loop import RunLoop, make_workdir, save_config, write_json
 from deepseek_jax.train.metrics import plot_losses
 from deepseek_jax.train.optimizer import make_optimizer
 from deepseek_jax.train.pipelined import make_pipelined_step
@@ -111,9 +111,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg = dispatch.training_model_config(config, validate_run_config(config))
     t = config.train
     lead = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if lead:
-        save_config(workdir, config)
+    make_workdir(workdir)
 
     tx = make_optimizer(t)
     devices = Placement(config, cfg, tx)
@@ -133,6 +131,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if ema:
             ema.restore(restored["ema"])
         print(f"Resumed from {ckpt.path(start)}.")
+    if lead:  # only now: a resume refused above leaves the run's config.json as it was
+        save_config(workdir, config)
 
     recipe = recipe_for(config)
     step_fn = devices.jit_step(make_step(config, cfg, tx, recipe, devices.mesh),

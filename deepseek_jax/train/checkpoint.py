@@ -64,7 +64,7 @@ class Checkpointer:
                  "meta": ocp.args.JsonSave(meta)}
         if ema is not None:
             items["ema"] = ocp.args.StandardSave(ema)
-        self._raising_save_errors(step, self._manager.check_for_errors)  # an earlier background save's
+        self._raising_save_errors(None, self._manager.check_for_errors)  # an earlier background save's
         return self._raising_save_errors(step, self._manager.save, step, args=ocp.args.Composite(**items),
                                          force=force)
 

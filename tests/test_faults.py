@@ -50,7 +50,7 @@ def committed_steps(workdir) -> list[int]:
 
 def test_a_save_that_cannot_be_written_stops_the_run_with_one_message(tmp_path):
     """Step 2 is committed; resumed with writes failing, the save of step 4 stops the run within seconds,
-    exit code 1, the last line names the path and the cause, step 2 is untouched and still resumes."""
+    exit code 1, the last line names the path and the cause (and no thread prints a traceback), step 2 is untouched and still resumes."""
     workdir = tmp_path / "run"
     code, output, _ = run(train_command(tmp_path, workdir, steps=2))
     assert code == 0, output
@@ -61,6 +61,7 @@ def test_a_save_that_cannot_be_written_stops_the_run_with_one_message(tmp_path):
     last = output.strip().splitlines()[-1]
     assert code == 1, output[-3000:]
     assert last.startswith("Training stopped: could not save"), output[-3000:]
+    assert "Traceback" not in output and "Event loop is closed" not in output, output[-3000:]
     assert str(workdir / "checkpoints" / "4") in last and "File too large" in last
     assert f"the last committed checkpoint is {workdir / 'checkpoints' / '2'}, untouched" in last
     assert committed_steps(workdir) == [2]

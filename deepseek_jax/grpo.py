@@ -15,6 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from deepseek_jax import cli
 from deepseek_jax.rl import tasks
 from deepseek_jax.rl.sft import train_sft
 from deepseek_jax.rl.trainer import train_grpo
@@ -44,4 +45,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main)

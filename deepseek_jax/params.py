@@ -5,9 +5,10 @@
 
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from deepseek_jax import cli
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.param_count import count_params
 
@@ -27,4 +28,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.run(main)

@@ -7,9 +7,10 @@
 
 import json
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from deepseek_jax import cli
 from deepseek_jax.train.memory import plan_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration file.", lock_config=True)
@@ -29,4 +30,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.run(main)

@@ -50,7 +50,8 @@ def committed_steps(workdir) -> list[int]:
 
 def test_a_save_that_cannot_be_written_stops_the_run_with_one_message(tmp_path):
     """Step 2 is committed; resumed with writes failing, the save of step 4 stops the run within seconds,
-    exit code 1, the last line names the path and the cause (and no thread prints a traceback), step 2 is untouched and still resumes."""
+    exit code 1, the last line names the path and the cause (no thread prints a traceback), step 2 is
+    untouched and still resumes."""
     workdir = tmp_path / "run"
     code, output, _ = run(train_command(tmp_path, workdir, steps=2))
     assert code == 0, output

@@ -7,7 +7,7 @@
 import jax
 from absl import app, flags, logging
 
-from deepseek_jax import convert
+from deepseek_jax import cli, convert
 
 _HF_PATH = flags.DEFINE_string("hf_path", None, "Hugging Face checkpoint directory (read on import, written "
                                "on export).")
@@ -31,4 +31,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["hf_path", "workdir"])
-    app.run(main)
+    cli.run(main)

@@ -7,13 +7,12 @@ Several processes (hosts) train together when given --coordinator_address, --num
 --process_id (or the $DEEPSEEK_JAX_* variables that `python -m deepseek_jax.parallel.launch` sets).
 """
 
-import os
-import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from deepseek_jax import cli
 from deepseek_jax.parallel import distributed
 from deepseek_jax.train.checkpoint import CheckpointError
 from deepseek_jax.train.loop import TrainingStopped
@@ -38,43 +37,12 @@ def main(argv: list[str]) -> None:
     if jax.process_index() == 0:
         print(f"JAX devices: {jax.devices()} ({jax.process_count()} process(es))")
     logging.set_verbosity(logging.WARNING)  # Keep orbax's per-save INFO lines out of the progress view.
-    quiet_failed_save_threads()
     try:
         train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (CheckpointError, TrainingStopped) as e:  # the run's own verdicts: one message, no traceback
-        stop(f"Training stopped: {e}")
-    except ValueError as e:  # bad config, data or workdir (the project's errors name the field and the fix)
-        if os.environ.get("DEEPSEEK_JAX_TRACEBACK"):
-            raise
-        stop(f"Error: {e}\n(set DEEPSEEK_JAX_TRACEBACK=1 to see where it was raised)")
-
-
-def quiet_failed_save_threads() -> None:
-    """Keeps a failed save to one message. When a checkpoint write fails, orbax's background threads log the
-    error with its traceback (the Checkpointer re-raises the same error, which `stop` prints), and tensorstore
-    completes the cancelled writes later on its own threads, each reporting orbax's closed event loop as an
-    unraisable exception. Both are dropped; every other log record and exception is kept."""
-
-    def drop_closed_loop_noise(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
-            sys.__unraisablehook__(unraisable)
-
-    sys.unraisablehook = drop_closed_loop_noise
-    logging.get_absl_logger().addFilter(
-        lambda record: "_SignalingThread.run() raised an exception" not in record.getMessage())
-
-
-def stop(message: str) -> None:
-    """Ends the process at once with `message` as its last line and exit code 1 (no thread of a failed save
-    may keep it alive, nor print after the message: stderr is pointed at /dev/null first)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    message_fd = os.dup(2)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-    os.write(message_fd, f"\n{message}\n".encode())
-    os._exit(1)
+    except (CheckpointError, TrainingStopped) as e:  # the run's own verdicts (other errors: see cli.run)
+        cli.stop(f"Training stopped: {e}")
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)

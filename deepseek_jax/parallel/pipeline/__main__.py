@@ -3,8 +3,9 @@
     python -m deepseek_jax.parallel.pipeline --schedule=dualpipe --ranks=8 --microbatches=20 [--plot=out.png]
 """
 
-from absl import app, flags
+from absl import flags
 
+from deepseek_jax import cli
 from deepseek_jax.parallel.pipeline import plot, schedules, simulate
 
 _SCHEDULE = flags.DEFINE_enum("schedule", "dualpipe", sorted(schedules.SCHEDULES), "Which schedule to print.")
@@ -23,4 +24,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -116,6 +116,10 @@ def checkpoint_config() -> ml_collections.ConfigDict:
     c.every = 200  # Steps between checkpoints (and one at the end, and on SIGTERM).
     c.keep = 3  # Checkpoints kept (oldest deleted first).
     c.async_save = True  # Write in the background while training continues.
+    # Run fields a resume may change on purpose, comma-separated (e.g. "data.batch_size,train.learning_rate").
+    # A resume that changes any other field of train/checkpoint.py's RESUME_FIELDS (data stream, batch shape,
+    # optimizer) is refused with the field and both values. train.steps may always change (extending a run).
+    c.allow_changes = ""
     return c
 
 

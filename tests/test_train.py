@@ -12,6 +12,7 @@ import time
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from common import ROOT, micro_run_config
@@ -241,6 +242,26 @@ def test_a_refused_resume_leaves_the_runs_config_as_it_was(full_run, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="kv_lora_rank: checkpoint 16 vs config 8"):
         train_and_evaluate(other, copy)
     assert open(os.path.join(copy, "config.json")).read() == saved
+
+
+def test_a_resume_that_changes_the_run_is_refused_unless_the_config_allows_the_change(full_run, tmp_path):
+    c, workdir, _ = full_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    changed = ml_collections.ConfigDict(c.to_dict())
+    changed.data.batch_size, changed.train.learning_rate = 2, c.train.learning_rate / 2
+    changed.train.steps = 6  # may always change; here the run is done: the resume only evaluates
+    with pytest.raises(checkpoint.CheckpointError) as refused:
+        train_and_evaluate(changed, copy)
+    assert (f"data.batch_size: checkpoint 4 vs config 2, train.learning_rate: checkpoint {c.train.learning_rate!r} "
+            f"vs config {c.train.learning_rate / 2!r}") in str(refused.value)
+    assert str(refused.value).endswith("--config.checkpoint.allow_changes=data.batch_size,train.learning_rate.")
+
+    changed.checkpoint.allow_changes = "data.batch"
+    with pytest.raises(ValueError, match="checkpoint.allow_changes names 'data.batch', which is not checked"):
+        train_and_evaluate(changed, copy)
+    changed.checkpoint.allow_changes = "data.batch_size, train.learning_rate"
+    assert train_and_evaluate(changed, copy)["start_step"] == 6
 
 
 def test_truncated_checkpoint_is_a_clear_error(full_run, tmp_path):

@@ -9,6 +9,10 @@ data iterator's state, computed from the arrays being saved (train/digest.py); r
 from what it read and refuses a checkpoint whose bytes changed after the save (a `CheckpointError`
 naming the step, the arrays, and the latest earlier step that still verifies). Checkpoints written
 before digests were recorded restore with a warning.
+
+A save may also record the run fields that decide what a resumed run computes (`resume_fields`: the data
+stream, the batch shape, the optimizer); a restore given the run's current values refuses any that differ,
+unless the run names them in `checkpoint.allow_changes`.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Collection
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 
 from deepseek_jax.model.config import RUNTIME_FIELDS, ModelConfig
@@ -54,8 +60,11 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, *, ema: Any, data_state: dict, model_config: ModelConfig,
-             force: bool = False) -> bool:
+             run_fields: dict | None = None, force: bool = False) -> bool:
+        """Saves `step` (in the background with async_save); `run_fields` = `resume_fields(config)`."""
         meta = {"model": model_config.to_dict(), "step": int(step)}
+        if run_fields is not None:
+            meta["run"] = run_fields
         if self.digests:
             meta["digests"] = {"state": digest.tree_digests(state), "data": digest.json_digest(data_state)}
             if ema is not None:
@@ -104,11 +113,15 @@ class Checkpointer:
     def restore_meta(self, step: int) -> dict:
         return self._restore(step, meta=ocp.args.JsonRestore())["meta"]
 
-    def restore(self, step: int, state_like: Any, *, ema_like: Any, model_config: ModelConfig) -> dict:
+    def restore(self, step: int, state_like: Any, *, ema_like: Any, model_config: ModelConfig,
+                run_fields: dict | None = None, allow_changes: Collection[str] = ()) -> dict:
         """{'state', 'ema', 'data'} of `step`, restored into the shapes/shardings of the templates and
-        verified against the digests recorded at the save (module docstring)."""
+        verified against the digests recorded at the save (module docstring). With `run_fields`, the saved
+        ones must equal them except the fields named in `allow_changes`."""
         meta = self.restore_meta(step)
         check_model_config(meta["model"], model_config, self.path(step))
+        if run_fields is not None and "run" in meta:
+            check_resume_fields(meta["run"], run_fields, allow_changes, self.path(step))
         restored = self._read(step, state_like, ema_like)
         damaged = self._damaged(meta, restored) if self.digests else []
         if damaged:
@@ -192,6 +205,46 @@ def _cause(error: BaseException) -> str:
     if failed:
         return f"{failed.group(2).strip()} writing {failed.group(1)}"
     return f"{type(error).__name__}: {text}"[:600]
+
+
+# The run-config fields that decide what a resumed run computes: its data stream, its batches' shape and its
+# optimizer. (train.steps is not one: extending a run is what resuming is for; the schedule stretches.)
+RESUME_FIELDS = (
+    "data.source", "data.path", "data.text_field", "data.tokenizer", "data.seq_len", "data.batch_size",
+    "data.seed", "data.shuffle_rows", "data.num_epochs", "data.num_workers",
+    "train.learning_rate", "train.warmup_steps", "train.decay_start", "train.final_lr_fraction", "train.b1",
+    "train.b2", "train.eps", "train.weight_decay", "train.clip_norm", "train.moment_dtype",
+)
+
+
+def resume_fields(config: ml_collections.ConfigDict) -> dict:
+    """{'data.batch_size': 8, ...}: the run's values of RESUME_FIELDS, as saved with each checkpoint."""
+    values = {}
+    for name in RESUME_FIELDS:
+        group, key = name.split(".")
+        values[name] = config[group][key]
+    return values
+
+
+def parse_allow_changes(text: str) -> list[str]:
+    """The field names of `checkpoint.allow_changes`; raises ValueError naming one that is not a field."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in RESUME_FIELDS:
+            raise ValueError(f"checkpoint.allow_changes names {name!r}, which is not checked on resume; name "
+                             f"fields of {', '.join(RESUME_FIELDS)}.")
+    return names
+
+
+def check_resume_fields(saved: dict, current: dict, allow_changes: Collection[str], where: str) -> None:
+    """Raises CheckpointError listing every field of `current` that differs from `saved` and is not in
+    `allow_changes`, with both values and the flag that allows the change."""
+    changed = [k for k in current if k in saved and saved[k] != current[k] and k not in allow_changes]
+    if changed:
+        lines = ", ".join(f"{k}: checkpoint {saved[k]!r} vs config {current[k]!r}" for k in changed)
+        raise CheckpointError(
+            f"resuming {where} with a different run ({lines}). Use the values it was trained with, a new "
+            f"workdir, or, if the change is intended, --config.checkpoint.allow_changes={','.join(changed)}.")
 
 
 def check_model_config(saved: dict, current: ModelConfig, where: str) -> None:

@@ -125,7 +125,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not start and t.init_from:
         state = start_from(state, config, cfg, tx, devices)
     if start:
-        restored = ckpt.restore(start, state, ema_like=ema and ema.value(), model_config=cfg)
+        restored = ckpt.restore(start, state, ema_like=ema and ema.value(), model_config=cfg,
+                                run_fields=checkpoint_lib.resume_fields(config),
+                                allow_changes=checkpoint_lib.parse_allow_changes(config.checkpoint.allow_changes))
         state = restored["state"]
         train_iter.set_state(restored["data"])
         if ema:
@@ -156,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def save(done: int, force: bool) -> str:
         ckpt.save(done, current["state"], ema=ema.value() if ema else None, data_state=train_iter.get_state(),
-                  model_config=cfg, force=force)
+                  model_config=cfg, run_fields=checkpoint_lib.resume_fields(config), force=force)
         return ckpt.path(done)
 
     def postfix(host: dict[str, float]) -> dict[str, str]:

@@ -10,6 +10,7 @@ from deepseek_jax.data.config import validate_data_config
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel.pipeline.schedules import SCHEDULES
+from deepseek_jax.train.checkpoint import parse_allow_changes
 from deepseek_jax.train.precision import recipe_for
 
 
@@ -89,6 +90,7 @@ def validate_run_config(config: ml_collections.ConfigDict) -> ModelConfig:
     c = config.checkpoint
     need(is_int(c.every) and c.every >= 1, "checkpoint.every", c.every, "use an integer >= 1.")
     need(is_int(c.keep) and c.keep >= 1, "checkpoint.keep", c.keep, "keep at least one checkpoint.")
+    parse_allow_changes(c.allow_changes)
     if "parallel" in config:
         validate_parallel_config(config, cfg)
     recipe_for(config)  # Builds the FP8 recipe if enabled: a bad recipe name or dtype fails here.

@@ -1,7 +1,9 @@
-"""Checkpoint digests: computed from the arrays, the same on any mesh, and verified on restore."""
+"""Checkpoint digests: computed from the arrays, the same on any mesh, and verified on restore; damaged
+metadata and iterator state named on restore."""
 
 import glob
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -107,4 +109,50 @@ def test_checkpoints_saved_without_digests_still_restore(tmp_path):
     ckpt.wait()
     restored = ckpt.restore(1, state, ema_like=None, model_config=cfg)
     np.testing.assert_array_equal(restored["state"]["w"], state["w"])
+    ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A checkpoint directory with steps 1 and 2 of a small state, EMA and data iterator state."""
+    directory = tmp_path_factory.mktemp("two_steps")
+    ckpt = Checkpointer(str(directory), keep=5, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, {"w": jnp.arange(6.0) * step}, ema={"w": jnp.ones(6)}, data_state={"position": step},
+                  model_config=model_config())
+    ckpt.close()
+    return directory
+
+
+# (file of step 2, how it is damaged, what the error says)
+DAMAGE = {
+    "iterator state edited": ("data/metadata", lambda b: b.replace(b"2", b"7"),
+                              "the data iterator's state changed on disk after the save. Step 1 is intact"),
+    "iterator state cut": ("data/metadata", lambda b: b[:5], "{step}/data/metadata is not valid JSON"),
+    "run record cut": ("meta/metadata", lambda b: b[:50], "{step}/meta/metadata is not valid JSON"),
+    "run record emptied": ("meta/metadata", lambda b: b"", "{step}/meta/metadata is not valid JSON"),
+    "array metadata cut": ("state/_METADATA", lambda b: b[:40], "{step}/state/_METADATA is not valid JSON"),
+    "per-process array metadata cut": ("state/array_metadatas/process_0", lambda b: b[:20],
+                                       "{step}/state/array_metadatas/process_0 is not valid JSON"),
+    "OCDBT manifest overwritten": ("state/manifest.ocdbt", lambda b: b"\xff" * len(b),
+                                   "Error decoding local file \"{step}/state/manifest.ocdbt\""),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_metadata_or_iterator_state_is_named_and_the_earlier_step_still_restores(two_steps, tmp_path, case):
+    relative, damage, message = DAMAGE[case]
+    directory = tmp_path / "checkpoints"
+    shutil.copytree(two_steps, directory)
+    path = directory / "2" / relative
+    path.write_bytes(damage(path.read_bytes()))
+    ckpt = Checkpointer(str(directory), keep=5, async_save=False)
+    like, ema_like = {"w": jnp.zeros(6)}, {"w": jnp.zeros(6)}
+    with pytest.raises(CheckpointError) as refused:
+        ckpt.restore(2, like, ema_like=ema_like, model_config=model_config())
+    assert message.format(step=directory / "2") in str(refused.value)
+    assert str(refused.value).startswith(f"checkpoint {directory / '2'} ")
+    earlier = ckpt.restore(1, like, ema_like=ema_like, model_config=model_config())
+    np.testing.assert_array_equal(earlier["state"]["w"], np.arange(6.0))
+    assert earlier["data"] == {"position": 1}
     ckpt.close()

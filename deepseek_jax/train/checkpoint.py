@@ -17,6 +17,7 @@ unless the run names them in `checkpoint.allow_changes`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -172,8 +173,11 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # orbax/tensorstore raise many types for damaged files.
+            cause = f"{type(e).__name__}: {e}"
+            if isinstance(e, json.JSONDecodeError):  # orbax does not say which of its JSON files it was
+                cause = f"{unparsable_json_file(self.path(step))} is not valid JSON: {e}"
             raise CheckpointError(
-                f"checkpoint {self.path(step)} is damaged or incomplete ({type(e).__name__}: {e}). "
+                f"checkpoint {self.path(step)} is damaged or incomplete ({cause}). "
                 "Delete that step's directory to resume from an earlier one, or start a new workdir.") from e
         return dict(restored.items())
 
@@ -184,6 +188,23 @@ class Checkpointer:
         self.wait()
         self._manager.close()
         self._closed = True
+
+
+def unparsable_json_file(step_dir: str) -> str | None:
+    """The first of a checkpoint's JSON files (orbax's metadata, the data iterator's and run's records) that
+    does not parse; array data (`d/` folders) and OCDBT manifests are binary and skipped."""
+    for root, dirs, files in os.walk(step_dir):
+        dirs[:] = sorted(d for d in dirs if d != "d")
+        for name in sorted(files):
+            if name.endswith((".ocdbt", ".txt")):
+                continue
+            path = os.path.join(root, name)
+            try:
+                with open(path, "rb") as f:
+                    json.loads(f.read())
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+                return path
+    return None
 
 
 def close_quietly(checkpointer: Checkpointer) -> None:

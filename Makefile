@@ -25,9 +25,9 @@ train: $(BASE)
 	$(PY) -m deepseek_jax.train --config=configs/tiny.py --workdir=runs/tiny
 
 # Lint first (ruff, configured in pyproject.toml), so CI enforces it. pytest exits 5 when it collects no
-# test: that is a failure here, never a pass.
+# test: that is a failure here, never a pass. The 15 slowest tests are listed at the end.
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 lint: $(TESTS)
 	$(VENV)/bin/ruff check deepseek_jax tests experiments configs

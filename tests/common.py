@@ -1,5 +1,7 @@
-"""Helpers shared by the tests: configs by name, float64 copies of params."""
+"""Helpers shared by the tests: configs by name, float64 copies of params, a run's metrics rows."""
 
+import csv
+import os
 import pathlib
 
 import jax
@@ -42,3 +44,14 @@ def micro_run_config(tmp_path, write_corpus=True, **train_overrides):
     c.train.update(**train_overrides)
     c.checkpoint.update(every=3, keep=5, async_save=False)
     return c
+
+
+def read_rows(workdir) -> list[dict]:
+    """The rows of a run's metrics.csv."""
+    with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def losses_by_step(workdir) -> dict[int, str]:
+    """{step: the loss as written}: equal strings mean bit-for-bit equal losses."""
+    return {int(r["step"]): r["loss"] for r in read_rows(workdir) if r.get("loss")}

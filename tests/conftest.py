@@ -3,6 +3,7 @@
 import os
 import pathlib
 import sys
+import tempfile
 
 # The experiments' helper modules (experiments/ep_traffic.py, accuracy_intervals.py) are tested here too.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
@@ -11,14 +12,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same programs (a train step, the model): share compilations across tests, across
+# the subprocesses they start (train mains, notebooks: hence environment variables, which those inherit)
+# and across runs on one machine, through JAX's persistent cache outside the clone.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "deepseek_jax_jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
-
-import tempfile  # noqa: E402
-
-# Many tests compile the same programs (a train step, the model): share compilations across tests
-# (and across runs on one machine) through JAX's persistent cache.
-jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "deepseek_jax_jax_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

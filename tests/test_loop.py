@@ -1,17 +1,12 @@
 """The run loop every job shares, driven by a counting step (no model): cadences, rows, NaN stop, resume."""
 
-import csv
 import os
 
 import numpy as np
 import pytest
+from common import read_rows
 
 from deepseek_jax.train.loop import RunLoop, TrainingStopped
-
-
-def read_rows(workdir):
-    with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
-        return list(csv.DictReader(f))
 
 
 class Job:

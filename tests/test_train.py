@@ -1,6 +1,5 @@
 """The training job: optimizer, loss-free balancing, NaN guard, remat, EMA, resume, checkpoints, SIGTERM."""
 
-import csv
 import functools
 import os
 import shutil
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from common import ROOT, micro_run_config
+from common import ROOT, losses_by_step, micro_run_config, read_rows
 
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.train import balance, checkpoint, optimizer
@@ -24,16 +23,6 @@ from deepseek_jax.train.ema import HostEMA
 from deepseek_jax.train.evaluation import evaluate_checkpoint
 from deepseek_jax.train.loop import TrainingStopped
 from deepseek_jax.train.pretrain import train_and_evaluate
-
-
-def read_rows(workdir):
-    with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def losses_by_step(workdir):
-    return {int(r["step"]): r["loss"] for r in read_rows(workdir) if r.get("loss")}
-
 
 # --- optimizer ---------------------------------------------------------------------------------------
 

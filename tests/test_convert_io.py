@@ -154,7 +154,18 @@ BAD = {
                          r"model\.layers\.3\.embed_tokens\.weight differs from model\.embed_tokens\.weight"),
     "too_many_layers": (lambda p: edit_config(p, num_hidden_layers=2, first_k_dense_replace=1),
                         "unused.*model.layers.3"),
+    "truncated_shard": (lambda p: cut(p / "model-00002-of-00002.safetensors", -1000),
+                        r"model-00002-of-00002\.safetensors is truncated: its header describes [\d,]+ bytes, the "
+                        r"file holds [\d,]+\. Download that shard again"),
+    "cut_header": (lambda p: cut(p / "model-00001-of-00002.safetensors", 100),
+                   r"model-00001-of-00002\.safetensors has a corrupt safetensors header"),
 }
+
+
+def cut(file, size: int) -> None:
+    """Keeps the first `size` bytes of `file` (size < 0: drops the last -size), as an interrupted download."""
+    with open(file, "r+b") as f:
+        f.truncate(size if size >= 0 else file.stat().st_size + size)
 
 
 @pytest.mark.parametrize("problem", sorted(BAD))

@@ -228,6 +228,9 @@ def test_file_sources_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match=r"no documents.*jsonl line without text field"):
         sources.load_corpus("files", path=f"{tmp_path}/bad.jsonl,{tmp_path}/empty.txt")
+    (tmp_path / "garbage.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=r"garbage\.parquet is not a readable parquet file \(.*magic bytes"):
+        sources.load_corpus("files", path=f"{tmp_path}/ok.txt,{tmp_path}/garbage.parquet")
 
 
 # ----------------------------------------------------------------------------- config

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import struct
 from collections.abc import Callable, Iterable, Mapping
@@ -52,6 +53,11 @@ def read_header(file: pathlib.Path) -> dict[str, TensorInfo]:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{file} has a corrupt safetensors header: {e}") from e
     header.pop("__metadata__", None)
+    data_end = 8 + length + max((h["data_offsets"][1] for h in header.values()), default=0)
+    size = os.path.getsize(file)
+    if size < data_end:
+        raise ValueError(f"{file} is truncated: its header describes {data_end:,} bytes, the file holds {size:,}. "
+                         "Download that shard again.")
     return {name: TensorInfo(file, h["dtype"], tuple(h["shape"]), 8 + length + h["data_offsets"][0])
             for name, h in header.items()}
 

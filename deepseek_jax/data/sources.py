@@ -209,9 +209,16 @@ def _read_jsonl(path: str, text_field: str, stats: SourceStats) -> Iterator[tupl
 
 
 def _read_parquet(path: str, text_field: str, stats: SourceStats) -> Iterator[tuple[str, bytes]]:
+    import pyarrow  # pylint: disable=import-outside-toplevel
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
 
-    parquet = pq.ParquetFile(path)
+    def unreadable(e: Exception) -> ValueError:  # pyarrow's messages do not name the file
+        return ValueError(f"{path} is not a readable parquet file ({e}); replace it or leave it out of data.path.")
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise unreadable(e) from e
     if text_field not in parquet.schema_arrow.names:
         stats.skip(
             "parquet file without text field",
@@ -220,7 +227,14 @@ def _read_parquet(path: str, text_field: str, stats: SourceStats) -> Iterator[tu
         )
         return
     row = 0
-    for batch in parquet.iter_batches(columns=[text_field]):
+    batches = parquet.iter_batches(columns=[text_field])
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pyarrow.ArrowException, OSError) as e:
+            raise unreadable(e) from e
+        if batch is None:
+            return
         for value in batch.column(0).to_pylist():
             row += 1
             if isinstance(value, str):

@@ -17,6 +17,8 @@ import sys
 
 from absl import app, flags, logging
 
+from deepseek_jax.train.loop import TrainingStopped
+
 TRACEBACK_VARIABLE = "DEEPSEEK_JAX_TRACEBACK"
 # ml_collections' message for a missing field: "'stepz'\nDid you mean "steps" instead of "stepz"?"
 _MISSING_FIELD = re.compile(r"""^['"]?'(?P<field>[^'"]+)'""")
@@ -94,8 +96,6 @@ def stop(message: str) -> None:
 
 
 def _with_one_message_errors(main):
-    from deepseek_jax.train.loop import TrainingStopped  # the mains import the model anyway; keep cli light
-
     def wrapped(argv: list[str]) -> None:
         quiet_failed_save_threads()
         try:

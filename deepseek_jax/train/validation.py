@@ -7,6 +7,7 @@ import ml_collections
 
 from deepseek_jax.checks import is_int, need
 from deepseek_jax.data.config import validate_data_config
+from deepseek_jax.data.tokenizers import make_tokenizer, padded_vocab_size
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel.pipeline.schedules import SCHEDULES
@@ -97,6 +98,12 @@ def validate_run_config(config: ml_collections.ConfigDict) -> ModelConfig:
     if config.data.tokenizer == "byte" and cfg.vocab_size < 258:
         raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is too small for the byte tokenizer "
                          "(ids up to 257): use at least 258, e.g. 264.")
+    if config.data.tokenizer != "byte":
+        ids = make_tokenizer(config.data).vocab_size
+        if cfg.vocab_size < ids:  # the embedding lookup would clamp the ids beyond it without a word
+            raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is smaller than data.tokenizer's {ids} ids: "
+                             f"use at least {ids}, e.g. {padded_vocab_size(ids)} (a multiple of 128, as DeepSeek's "
+                             "configs pad it).")
     if config.data.seq_len > cfg.max_position_embeddings:
         raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds config.model."
                          f"max_position_embeddings={cfg.max_position_embeddings}: shorten the rows.")

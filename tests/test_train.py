@@ -1,6 +1,7 @@
 """The training job: optimizer, loss-free balancing, NaN guard, remat, EMA, resume, checkpoints, SIGTERM."""
 
 import functools
+import json
 import os
 import shutil
 import signal
@@ -330,6 +331,49 @@ def test_fine_tune_starts_from_a_training_run(full_run, tmp_path):
     c.train.init_from = workdir
     summary = train_and_evaluate(c, str(tmp_path / "fine_tuned"))
     assert summary["initial_eval_bpb"] == pytest.approx(evaluate_checkpoint(full_run[0], workdir)["bpb"], rel=1e-6)
+
+
+def test_export_of_a_training_run_runs_in_transformers(full_run, tmp_path):
+    """`convert --direction=export --workdir=<training run>`: transformers loads the folder and gives our
+    logits for the run's latest params; `--use_ema --dtype=float8_e4m3fn` writes the EMA in DeepSeek's FP8
+    blocks (the unquantized embedding is the EMA's, to the last bf16 bit)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import safetensors.torch
+
+    from deepseek_jax import convert, model
+    from deepseek_jax.train.export import export_training_run
+    from deepseek_jax.train.weights import load_weights
+
+    c, workdir, _ = full_run
+    cfg = ModelConfig.from_dict(c.model)
+    assert export_training_run(workdir, str(tmp_path / "hf")) == f"{workdir} step 6"
+    variables = load_weights(workdir, cfg, optimizer_cfg=c.train).variables
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 12)).astype(np.int32)
+    ours = np.asarray(jax.jit(model.forward, static_argnums=0)(cfg, variables, jnp.asarray(tokens)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager",
+                                                           experts_implementation="eager").eval()
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(tokens)).logits.numpy()
+    assert np.abs(ours - theirs).max() <= 1e-4
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (hf_config["eos_token_id"], hf_config["pad_token_id"]) == (256, 257)
+
+    out = tmp_path / "fp8"
+    done = subprocess.run([sys.executable, "-m", "deepseek_jax.convert", "--direction=export", f"--workdir={workdir}",
+                           f"--hf_path={out}", "--use_ema", "--dtype=float8_e4m3fn"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tensors = {}
+    for file in out.glob("*.safetensors"):
+        tensors.update(safetensors.torch.load_file(str(file)))
+    assert tensors["model.layers.1.mlp.experts.0.up_proj.weight"].dtype == torch.float8_e4m3fn
+    assert "model.layers.1.mlp.experts.0.up_proj.weight_scale_inv" in tensors
+    ema = load_weights(workdir, cfg, optimizer_cfg=c.train, use_ema=True).variables
+    _, back = convert.load_checkpoint(str(out))
+    embedding = lambda v: np.asarray(v["params"]["embed_tokens"]["embedding"].astype(jnp.bfloat16))  # noqa: E731
+    np.testing.assert_array_equal(embedding(back), embedding(ema))
+    assert not np.array_equal(embedding(back), embedding(variables))
 
 
 def test_training_on_deepseeks_tokenizer(tmp_path):

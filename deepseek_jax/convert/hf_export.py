@@ -163,7 +163,8 @@ def save_checkpoint(model_config: ModelConfig, variables: Any, path: str, *, dty
       path: output directory (created; existing files of the same names are overwritten).
       dtype: 'float32', 'bfloat16' or 'float8_e4m3fn' (DeepSeek's FP8 release format, `fp8_block` blocks).
       base_config: a config.json to start from (e.g. the imported checkpoint's): its token ids and rope style
-        are kept, and `rope_interleave=False` there makes the export write half-split rope rows back.
+        are kept, and `rope_interleave=False` there makes the export write half-split rope rows back; a dict
+        of bookkeeping keys only (e.g. {'eos_token_id': 1}) just adds them.
       max_shard_bytes: shard size limit (a larger single tensor gets a shard of its own).
     """
     if dtype not in EXPORT_DTYPES:
@@ -172,8 +173,8 @@ def save_checkpoint(model_config: ModelConfig, variables: Any, path: str, *, dty
     architecture = (base.get("architectures") or [hf_config.default_architecture(model_config)])[0]
     fmt = hf_config.CheckpointFormat(architecture, bool(base.get("rope_interleave", True)),
                                      fp8_block if dtype == "float8_e4m3fn" else None)
-    if base:
-        hf_config.from_hf(base)  # The base must itself be a config we understand.
+    if set(base) - hf_config.IGNORED_KEYS:
+        hf_config.from_hf(base)  # A base with model keys must itself be a config we understand.
     exporter = _Exporter(model_config, variables, fmt, dtype)
     root = pathlib.Path(path)
     root.mkdir(parents=True, exist_ok=True)

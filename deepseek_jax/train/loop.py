@@ -22,6 +22,7 @@ prints; every process runs the loop (and its collectives) in the same order.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -69,9 +70,12 @@ def host_scalars(metrics: dict) -> dict[str, float]:
 
 
 def write_json(workdir: str, name: str, text: str) -> None:
-    """`workdir/name` with `text` (the run's config.json or summary.json)."""
-    with open(os.path.join(workdir, name), "w") as f:
+    """`workdir/name` with `text` (the run's config.json or summary.json), whole or not at all: written
+    beside it and renamed into place, so a kill leaves the previous file."""
+    path = os.path.join(workdir, name)
+    with open(path + ".tmp", "w") as f:
         f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def make_workdir(workdir: str) -> None:
@@ -90,6 +94,18 @@ def make_workdir(workdir: str) -> None:
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     write_json(workdir, "config.json", config.to_json_best_effort(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run config `save_config` wrote in `workdir` (tuples come back as lists)."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist: {workdir} is not the workdir of a training run.") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it from the run's launch config.") from None
 
 
 StepFn = Callable[[int], dict]

@@ -118,7 +118,8 @@ def checkpoint_config() -> ml_collections.ConfigDict:
     c.async_save = True  # Write in the background while training continues.
     # Run fields a resume may change on purpose, comma-separated (e.g. "data.batch_size,train.learning_rate").
     # A resume that changes any other field of train/checkpoint.py's RESUME_FIELDS (data stream, batch shape,
-    # optimizer) is refused with the field and both values. train.steps may always change (extending a run).
+    # optimizer; the RL jobs': rl/config.py) is refused with the field and both values. train.steps may always
+    # change (extending a run).
     c.allow_changes = ""
     return c
 

@@ -1,9 +1,11 @@
 """GRPO's objective against NumPy, its gradient against the policy-gradient estimate, rollouts, and one
 run of the GRPO job on a micro model (start, resume, outputs)."""
 
+import copy
 import csv
 import math
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -308,5 +310,12 @@ def test_sft_then_grpo_jobs_run_write_their_outputs_and_resume(tmp_path):
     for name in ("reward.png", "summary.json", "config.json"):
         assert os.path.isfile(os.path.join(grpo_dir, name)), name
     config.train.steps = 2
+    saved_config = pathlib.Path(grpo_dir, "config.json").read_text()
+    changed = copy.deepcopy(config)
+    changed.rl.group_size += 1
+    refused = r"rl.group_size: checkpoint 3 vs config 4.*--config.checkpoint.allow_changes=rl.group_size\.$"
+    with pytest.raises(checkpoint_lib.CheckpointError, match=refused):
+        train_grpo(changed, grpo_dir)  # the batch of rollouts would change shape mid-run
+    assert pathlib.Path(grpo_dir, "config.json").read_text() == saved_config
     summary = train_grpo(config, grpo_dir)
     assert summary["start_step"] == 1 and summary["steps"] == 2

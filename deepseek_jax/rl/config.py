@@ -17,6 +17,20 @@ import ml_collections
 from deepseek_jax import defaults
 from deepseek_jax.checks import is_int, need
 from deepseek_jax.rl.objective import LOSS_TYPES, LossSettings
+from deepseek_jax.train.checkpoint import OPTIMIZER_FIELDS, parse_allow_changes
+
+# The config fields that decide what a resumed job computes (train/checkpoint.py's resume_fields): a resume
+# that changes one is refused unless checkpoint.allow_changes names it. The supervised job's optimizer is
+# train's but for its schedule, which rl.sft sets.
+_COMMON_RESUME_FIELDS = ("seed", "data.tokenizer", "rl.init_from", "rl.init_use_ema", "rl.task",
+                         "rl.max_prompt_tokens", "rl.max_new_tokens")
+GRPO_RESUME_FIELDS = (*_COMMON_RESUME_FIELDS, "rl.prompts_per_step", "rl.group_size", "rl.updates_per_batch",
+                      "rl.temperature", "rl.loss_type", "rl.clip_low", "rl.clip_high", "rl.kl_beta", "rl.adv_eps",
+                      "rl.rewards", "rl.reward_modules", *OPTIMIZER_FIELDS)
+SFT_RESUME_FIELDS = (*_COMMON_RESUME_FIELDS, "rl.sft.batch_size", "rl.sft.num_examples", "rl.sft.learning_rate",
+                     "rl.sft.warmup_steps", "train.b1", "train.b2", "train.eps", "train.weight_decay",
+                     "train.clip_norm", "train.moment_dtype")
+RL_RESUME_FIELDS = tuple(dict.fromkeys(GRPO_RESUME_FIELDS + SFT_RESUME_FIELDS))  # what allow_changes may name
 
 
 def task_config() -> ml_collections.ConfigDict:
@@ -132,6 +146,7 @@ def validate_rl_config(config: ml_collections.ConfigDict) -> None:
     need(rl.sft.learning_rate > 0, "rl.sft.learning_rate", rl.sft.learning_rate, "use a positive learning rate.")
     need(is_int(rl.sft.warmup_steps) and 0 <= rl.sft.warmup_steps <= rl.sft.steps, "rl.sft.warmup_steps",
          rl.sft.warmup_steps, "use an integer between 0 and rl.sft.steps.")
+    parse_allow_changes(config.checkpoint.allow_changes, RL_RESUME_FIELDS)
     need(isinstance(rl.adv_eps, (int, float)) and rl.adv_eps > 0, "rl.adv_eps", rl.adv_eps,
          "use a small positive number.")
     need(rl.task.kind in ("arithmetic", "jsonl"), "rl.task.kind", rl.task.kind, "use 'arithmetic' or 'jsonl'.")

@@ -19,7 +19,7 @@ import ml_collections
 
 from deepseek_jax.data import tokenizers
 from deepseek_jax.rl import evaluation, policy, rollout, tasks
-from deepseek_jax.rl.config import validate_rl_config
+from deepseek_jax.rl.config import RL_RESUME_FIELDS, validate_rl_config
 from deepseek_jax.train import checkpoint as checkpoint_lib
 from deepseek_jax.train import step as step_lib
 from deepseek_jax.train.loop import RunLoop, make_workdir, save_config, write_json
@@ -39,10 +39,12 @@ def finite_row(updates: Sequence[dict]) -> dict[str, float]:
 class Job:
     """The state, task, tokenizer and outputs of one run in `workdir`.
 
-    `optimizer_cfg` is the `train`-like group the optimizer is built from (steps counted in updates).
+    `optimizer_cfg` is the `train`-like group the optimizer is built from (steps counted in updates);
+    `resume_names` the config fields a resume must not change (rl/config.py's GRPO_ / SFT_RESUME_FIELDS).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, optimizer_cfg: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, optimizer_cfg: ml_collections.ConfigDict,
+                 resume_names: Sequence[str]):
         self.cfg = validate_run_config(config)
         validate_rl_config(config)
         self.config, self.workdir, self.rl = config, workdir, config.rl
@@ -59,9 +61,12 @@ class Job:
         self.initial_variables = jax.device_put(variables, self.device)
         self.ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                                 async_save=config.checkpoint.async_save)
+        self.run_fields = checkpoint_lib.resume_fields(config, resume_names)
         self.start = self.ckpt.latest_step() or 0
         if self.start:
-            restored = self.ckpt.restore(self.start, self.state, ema_like=None, model_config=self.cfg)["state"]
+            allow = checkpoint_lib.parse_allow_changes(config.checkpoint.allow_changes, RL_RESUME_FIELDS)
+            restored = self.ckpt.restore(self.start, self.state, ema_like=None, model_config=self.cfg,
+                                         run_fields=self.run_fields, allow_changes=allow)["state"]
             self.state = jax.device_put(restored, self.device)
             print(f"Resumed from {self.ckpt.path(self.start)} (started from {self.source}).")
         else:
@@ -85,7 +90,8 @@ class Job:
             return row
 
         def save(done: int, force: bool) -> str:
-            self.ckpt.save(done, self.state, ema=None, data_state={"step": done}, model_config=self.cfg, force=force)
+            self.ckpt.save(done, self.state, ema=None, data_state={"step": done}, model_config=self.cfg,
+                           run_fields=self.run_fields, force=force)
             return self.ckpt.path(done)
 
         loop = RunLoop(self.workdir, name=name, steps=steps, eval_every=eval_every, log_every=log_every,

@@ -27,6 +27,7 @@ import optax
 
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.rl import rollout, update
+from deepseek_jax.rl.config import SFT_RESUME_FIELDS
 from deepseek_jax.rl.job import Job, finite_row
 from deepseek_jax.rl.tasks import Example
 from deepseek_jax.train import step as step_lib
@@ -93,7 +94,7 @@ def train_sft(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Supervised fine-tuning as `config.rl.sft` says, in `workdir` (resuming if it holds checkpoints)."""
     s, rl = config.rl.sft, config.rl
     train_cfg = optimizer_config(config)
-    job = Job(config, workdir, train_cfg)
+    job = Job(config, workdir, train_cfg, SFT_RESUME_FIELDS)
     job.initial_variables = None
     update_fn = jax.jit(functools.partial(sft_step, cfg=job.cfg, train_cfg=train_cfg, tx=job.tx), donate_argnums=(0,))
 

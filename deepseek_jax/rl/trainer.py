@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from deepseek_jax.rl import objective, rewards, rollout, update
-from deepseek_jax.rl.config import loss_settings, optimizer_config
+from deepseek_jax.rl.config import GRPO_RESUME_FIELDS, loss_settings, optimizer_config
 from deepseek_jax.rl.job import Job, finite_row
 from deepseek_jax.rl.plots import plot_rewards
 
@@ -56,7 +56,7 @@ def train_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     reward_fns = rewards.resolve(weights)
     settings = loss_settings(rl)
     train_cfg = optimizer_config(config)
-    job = Job(config, workdir, train_cfg)
+    job = Job(config, workdir, train_cfg, GRPO_RESUME_FIELDS)
     # A copy: the state, which starts from the same buffers, is donated to the update.
     reference = jax.device_put(jax.tree.map(jnp.copy, job.initial_variables), job.device) if settings.kl_beta else None
     job.initial_variables = None

@@ -228,33 +228,36 @@ def _cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"[:600]
 
 
-# The run-config fields that decide what a resumed run computes: its data stream, its batches' shape and its
-# optimizer. (train.steps is not one: extending a run is what resuming is for; the schedule stretches.)
-RESUME_FIELDS = (
-    "data.source", "data.path", "data.text_field", "data.tokenizer", "data.seq_len", "data.batch_size",
-    "data.seed", "data.shuffle_rows", "data.num_epochs", "data.num_workers",
-    "train.learning_rate", "train.warmup_steps", "train.decay_start", "train.final_lr_fraction", "train.b1",
-    "train.b2", "train.eps", "train.weight_decay", "train.clip_norm", "train.moment_dtype",
-)
+# The run-config fields that decide what a resumed pretraining run computes: its data stream, its batches'
+# shape and its optimizer. (train.steps is not one: extending a run is what resuming is for; the schedule
+# stretches.) The RL jobs name theirs in rl/config.py.
+OPTIMIZER_FIELDS = ("train.learning_rate", "train.warmup_steps", "train.decay_start", "train.final_lr_fraction",
+                    "train.b1", "train.b2", "train.eps", "train.weight_decay", "train.clip_norm", "train.moment_dtype")
+RESUME_FIELDS = ("data.source", "data.path", "data.text_field", "data.tokenizer", "data.seq_len", "data.batch_size",
+                 "data.seed", "data.shuffle_rows", "data.num_epochs", "data.num_workers", *OPTIMIZER_FIELDS)
 
 
-def resume_fields(config: ml_collections.ConfigDict) -> dict:
-    """{'data.batch_size': 8, ...}: the run's values of RESUME_FIELDS, as saved with each checkpoint."""
+def resume_fields(config: ml_collections.ConfigDict, names: Collection[str] = RESUME_FIELDS) -> dict:
+    """{'data.batch_size': 8, ...}: the run's values of the fields `names` (dotted paths; a group's value is
+    its dict), as saved with each checkpoint."""
     values = {}
-    for name in RESUME_FIELDS:
-        group, key = name.split(".")
-        values[name] = config[group][key]
+    for name in names:
+        value = config
+        for key in name.split("."):
+            value = value[key]
+        values[name] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
     return values
 
 
-def parse_allow_changes(text: str) -> list[str]:
-    """The field names of `checkpoint.allow_changes`; raises ValueError naming one that is not a field."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    for name in names:
-        if name not in RESUME_FIELDS:
+def parse_allow_changes(text: str, names: Collection[str] = RESUME_FIELDS) -> list[str]:
+    """The field names of `checkpoint.allow_changes`; raises ValueError naming one that is not in `names`
+    (the fields checked on resume)."""
+    allowed = [n.strip() for n in text.split(",") if n.strip()]
+    for name in allowed:
+        if name not in names:
             raise ValueError(f"checkpoint.allow_changes names {name!r}, which is not checked on resume; name "
-                             f"fields of {', '.join(RESUME_FIELDS)}.")
-    return names
+                             f"fields of {', '.join(names)}.")
+    return allowed
 
 
 def check_resume_fields(saved: dict, current: dict, allow_changes: Collection[str], where: str) -> None:

@@ -91,7 +91,8 @@ def validate_run_config(config: ml_collections.ConfigDict) -> ModelConfig:
     c = config.checkpoint
     need(is_int(c.every) and c.every >= 1, "checkpoint.every", c.every, "use an integer >= 1.")
     need(is_int(c.keep) and c.keep >= 1, "checkpoint.keep", c.keep, "keep at least one checkpoint.")
-    parse_allow_changes(c.allow_changes)
+    if "rl" not in config:  # the RL jobs check theirs (rl/config.py)
+        parse_allow_changes(c.allow_changes)
     if "parallel" in config:
         validate_parallel_config(config, cfg)
     recipe_for(config)  # Builds the FP8 recipe if enabled: a bad recipe name or dtype fails here.

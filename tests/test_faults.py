@@ -10,6 +10,7 @@ of its metrics, so every checkpoint write fails with EFBIG ("File too large") th
 with ENOSPC; unlike permissions, the limit holds for root too.
 """
 
+import ctypes
 import json
 import os
 import shutil
@@ -46,10 +47,19 @@ def train_command(tmp_path, workdir, steps: int, file_limit: int | None = None) 
     return [sys.executable, "-c", LIMITED_MAIN, str(file_limit), *flags]
 
 
-def run(command, timeout: float = 240) -> tuple[int, str, float]:
+def obey_permissions() -> None:
+    """In the child before exec: a root process loses CAP_DAC_OVERRIDE (prctl PR_CAPBSET_DROP), so that file
+    permissions bind it as they bind any user (it keeps the right to read, which other capabilities grant)."""
+    if os.geteuid() == 0 and ctypes.CDLL(None, use_errno=True).prctl(24, 1, 0, 0, 0) != 0:  # CAP_DAC_OVERRIDE = 1
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE) failed")
+
+
+def run(command, timeout: float = 240, permissions: bool = False) -> tuple[int, str, float]:
+    """(exit code, stdout + stderr, seconds) of `command`; `permissions`: file permissions bind even root."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     start = time.time()
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=obey_permissions if permissions else None)
     return done.returncode, done.stdout + done.stderr, time.time() - start
 
 
@@ -178,6 +188,45 @@ def test_a_run_killed_during_a_save_loses_no_committed_step_and_resumes_bit_for_
         assert committed_steps(workdir) == [2, 4]
         assert losses_by_step(workdir) == losses_by_step(reference)
         assert saved_digests(workdir, 4) == saved_digests(reference, 4)
+
+
+def test_an_unwritable_checkpoint_directory_stops_the_run_with_one_message(reference_run, tmp_path):
+    """`checkpoints/` made read-only after step 2 (root's override of permissions dropped): the save of
+    step 4 stops the run with exit code 1 and one message naming the path and the cause; step 2 is
+    untouched."""
+    workdir = tmp_path / "run"
+    copy_at_step_2(reference_run, workdir)
+    before = files_of(workdir / "checkpoints" / "2")
+    (workdir / "checkpoints").chmod(0o555)
+    try:
+        code, output, seconds = run(train_command(reference_run, workdir, steps=4), permissions=True)
+    finally:
+        (workdir / "checkpoints").chmod(0o755)
+    last = output.strip().splitlines()[-1]
+    assert code == 1, output[-3000:]
+    assert last.startswith("Training stopped: could not save"), output[-3000:]
+    assert str(workdir / "checkpoints") in last and "Permission denied" in last, last
+    assert "Traceback" not in output, output[-3000:]
+    assert committed_steps(workdir) == [2] and files_of(workdir / "checkpoints" / "2") == before
+
+
+def test_an_unwritable_metrics_file_stops_the_run_with_one_message(reference_run, tmp_path):
+    """metrics.csv made read-only (holding the rows up to step 2, so that the resumed run appends to it
+    rather than rewriting it beside): the first row the resumed run writes stops it with exit code 1 and one
+    message naming the file; the committed checkpoint is untouched."""
+    workdir = tmp_path / "run"
+    copy_at_step_2(reference_run, workdir)
+    before = files_of(workdir / "checkpoints" / "2")
+    metrics = workdir / "metrics.csv"
+    header, *rows = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text(header + "".join(row for row in rows if int(row.split(",")[0]) <= 2))
+    metrics.chmod(0o444)
+    code, output, _ = run(train_command(reference_run, workdir, steps=4), permissions=True)
+    last = output.strip().splitlines()[-2:]
+    assert code == 1, output[-3000:]
+    assert last[0] == f"Error: [Errno 13] Permission denied: '{workdir / 'metrics.csv'}'", output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert committed_steps(workdir) == [2] and files_of(workdir / "checkpoints" / "2") == before
 
 
 def test_a_workdir_that_is_a_file_is_one_line_of_error(tmp_path):

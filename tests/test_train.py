@@ -391,11 +391,12 @@ def test_training_on_deepseeks_tokenizer(tmp_path):
 
 
 def test_pipelined_data_parallel_run_matches_the_unpipelined_one(tmp_path):
-    """`--config.parallel.stage=2 --config.parallel.data=2 --config.parallel.pipeline=dualpipe` trains
-    the same model as one device: losses and validation; and so does stage=2 x data=2 x expert=2 (each
-    stage's experts split over 'expert', reached by all-to-all inside the pipeline)."""
+    """`--config.parallel.stage=2 --config.parallel.data=2 --config.parallel.expert=2
+    --config.parallel.pipeline=dualpipe` (each stage's experts split over 'expert', reached by all-to-all
+    inside the pipeline) trains the same model as one device: losses and validation. (Every schedule and
+    layout is compared step by step in test_execute.py.)"""
     losses, summaries = {}, {}
-    for stage, data, expert in ((1, 1, 1), (2, 2, 1), (2, 2, 2)):
+    for stage, data, expert in ((1, 1, 1), (2, 2, 2)):
         name = f"{stage}{data}{expert}"
         c = micro_run_config(tmp_path / name, steps=2, eval_every=100, ema_decay=0.0)
         c.model.num_hidden_layers = 3  # Two MoE layers: one per pipeline stage.
@@ -403,11 +404,10 @@ def test_pipelined_data_parallel_run_matches_the_unpipelined_one(tmp_path):
         c.parallel.update(stage=stage, data=data, expert=expert, pipeline="dualpipe", microbatches=4)
         summaries[name] = train_and_evaluate(c, str(tmp_path / name / "run"))
         losses[name] = {s: float(v) for s, v in losses_by_step(str(tmp_path / name / "run")).items()}
-    assert losses["111"].keys() == losses["221"].keys() == losses["222"].keys() == {1, 2}
-    for layout in ("221", "222"):
-        for s in losses["111"]:
-            assert losses[layout][s] == pytest.approx(losses["111"][s], rel=1e-5), layout
-        assert summaries[layout]["final_eval_bpb"] == pytest.approx(summaries["111"]["final_eval_bpb"], rel=1e-5)
+    assert losses["111"].keys() == losses["222"].keys() == {1, 2}
+    for s in losses["111"]:
+        assert losses["222"][s] == pytest.approx(losses["111"][s], rel=1e-5)
+    assert summaries["222"]["final_eval_bpb"] == pytest.approx(summaries["111"]["final_eval_bpb"], rel=1e-5)
 
 
 def test_bad_pipeline_config_is_named(tmp_path):

@@ -21,7 +21,7 @@ def _line(plan, name):
 
 @pytest.fixture(scope="module")
 def tiny_plan():
-    return plan_memory(config("tiny_pipeline"))
+    return plan_memory(config("tiny_pipeline"), stash_variants=(("none", False), ("deepseek", False)))
 
 
 def test_state_bytes_equal_the_allocated_state(tiny_plan):

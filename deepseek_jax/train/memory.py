@@ -205,8 +205,11 @@ def plan_memory(config: ml_collections.ConfigDict, stash_variants=STASH_VARIANTS
             Line("weight-gradient stash", configured.num_wstash * configured.wstash_slot,
                  f"{configured.num_wstash} slots of I's outputs kept for W"),
             Line("inboxes", configured.inboxes, "activations and gradients in flight")]
+        buffers = {(cfg.remat, bool(config.fp8.enabled)): configured}  # each variant traced once
         for remat, fp8 in stash_variants:
-            variant = _rank_buffers(_variant(config, remat, fp8), mesh)
+            if (remat, fp8) not in buffers:
+                buffers[remat, fp8] = _rank_buffers(_variant(config, remat, fp8), mesh)
+            variant = buffers[remat, fp8]
             stash_lines.append(Line(f"remat={remat}{' + FP8' if fp8 else ''}", peak * variant.stash_slot,
                                     f"{peak} micro-batches of {_size(variant.stash_slot)}"))
     if p.expert > 1:

@@ -10,7 +10,6 @@ of its metrics, so every checkpoint write fails with EFBIG ("File too large") th
 with ENOSPC; unlike permissions, the limit holds for root too.
 """
 
-import ctypes
 import json
 import os
 import shutil
@@ -47,19 +46,26 @@ def train_command(tmp_path, workdir, steps: int, file_limit: int | None = None) 
     return [sys.executable, "-c", LIMITED_MAIN, str(file_limit), *flags]
 
 
-def obey_permissions() -> None:
-    """In the child before exec: a root process loses CAP_DAC_OVERRIDE (prctl PR_CAPBSET_DROP), so that file
-    permissions bind it as they bind any user (it keeps the right to read, which other capabilities grant)."""
-    if os.geteuid() == 0 and ctypes.CDLL(None, use_errno=True).prctl(24, 1, 0, 0, 0) != 0:  # CAP_DAC_OVERRIDE = 1
-        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE) failed")
+# Run a Python command with file permissions binding even root: argv[1:] = the command's arguments after
+# the interpreter. A root process loses CAP_DAC_OVERRIDE from its bounding set (prctl PR_CAPBSET_DROP), so the
+# interpreter it execs has no override of permissions (it keeps the right to read, which other capabilities
+# grant). Done in a fresh process rather than in a preexec_fn, which is unsafe in the threaded test process.
+PERMISSIONS_MAIN = """
+import ctypes, os, sys
+if os.geteuid() == 0 and ctypes.CDLL(None, use_errno=True).prctl(24, 1, 0, 0, 0) != 0:  # CAP_DAC_OVERRIDE = 1
+    raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, CAP_DAC_OVERRIDE) failed")
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
 
 
 def run(command, timeout: float = 240, permissions: bool = False) -> tuple[int, str, float]:
-    """(exit code, stdout + stderr, seconds) of `command`; `permissions`: file permissions bind even root."""
+    """(exit code, stdout + stderr, seconds) of `command` (a Python command); `permissions`: file permissions
+    bind even root."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    if permissions:
+        command = [sys.executable, "-c", PERMISSIONS_MAIN, *command[1:]]
     start = time.time()
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=obey_permissions if permissions else None)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return done.returncode, done.stdout + done.stderr, time.time() - start
 
 

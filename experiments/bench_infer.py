@@ -7,7 +7,9 @@
    against caches of multi-head attention with the same heads and of GQA with 8 KV heads, built the
    same way; and the arithmetic behind DeepSeek-V2's "93.3% smaller KV cache".
 2. Decode tokens/s of configs/small.py at context lengths 256..8192, batch 1: the jitted decode loop
-   (absorbed MLA vs naive up-projection) timed over a few tokens from a cache filled to that length.
+   (absorbed MLA vs naive up-projection) timed over a few tokens from a cache filled to that length; and
+   transformers' `generate` with its cache on the same weights (exported with `convert.save_checkpoint`) at
+   256, 1024 and 4096, its decode time being that of `steps + 1` new tokens less that of one (the prefill).
 3. MTP self-speculative decoding with the trained tiny model (`make train` -> runs/tiny): acceptance rate
    of the drafted token and end-to-end tokens/s against plain greedy decoding, on held-out prompts.
 
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax import defaults, infer
+from deepseek_jax import convert, defaults, infer
 from deepseek_jax.data import pipeline, tokenizers
 from deepseek_jax.infer import generation
 from deepseek_jax.infer.sampling import Sampling
@@ -120,6 +122,39 @@ def state_at_context(cfg: ModelConfig, s: Settings, context: int) -> DecodeState
         step=jnp.ones((), jnp.int32), drafted=zero(), accepted=zero())
 
 
+TRANSFORMERS_CONTEXTS = (256, 1024, 4096)
+
+
+def transformers_decode_speed(cfg: ModelConfig, variables: dict, contexts: list[int], steps: int) -> dict:
+    """{context: tokens/s} of transformers' greedy `generate` (its default attention and cache) on the same
+    weights, batch 1, from a random prompt of `context` tokens; best of 2, the prefill subtracted."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory() as directory:
+        convert.save_checkpoint(cfg, variables, directory)
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    speeds = {}
+    for context in contexts:
+        prompt = torch.as_tensor(np.random.default_rng(context).integers(0, cfg.vocab_size, (1, context)))
+
+        def seconds(new_tokens: int) -> float:
+            started = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                     use_cache=True, pad_token_id=0, eos_token_id=None)
+            assert out.shape[1] == context + new_tokens
+            return time.perf_counter() - started
+
+        seconds(steps + 1)  # Warm-up.
+        prefill = min(seconds(1) for _ in range(2))
+        speeds[context] = steps / (min(seconds(steps + 1) for _ in range(2)) - prefill)
+    return {"tokens_per_second": speeds, "attention": model.config._attn_implementation,
+            "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__}
+
+
 def decode_speed(contexts: list[int], steps: int) -> dict:
     cfg = load_model_config("small", max_position_embeddings=max(contexts) + steps + 2)
     variables = model_init(cfg, jax.random.key(0))
@@ -141,7 +176,17 @@ def decode_speed(contexts: list[int], steps: int) -> dict:
         print(f"context {context:5d}: absorbed {row['absorbed_tokens_per_second']:7.1f} tok/s, naive "
               f"{row['naive_tokens_per_second']:7.1f} tok/s ({row['absorbed_speedup']:.2f}x)", flush=True)
         rows.append(row)
-    return {"config": "configs/small.py", "batch": 1, "timed_steps": steps, "rows": rows}
+    # After ours: torch's OpenMP threads keep spinning for a while after its last op, taking the CPU.
+    reference = transformers_decode_speed(cfg, variables, [c for c in contexts if c in TRANSFORMERS_CONTEXTS],
+                                          steps)
+    for row in rows:
+        if row["context"] in reference["tokens_per_second"]:
+            row["transformers_tokens_per_second"] = reference["tokens_per_second"][row["context"]]
+            row["absorbed_vs_transformers"] = row["absorbed_tokens_per_second"] / row["transformers_tokens_per_second"]
+            print(f"context {row['context']:5d}: transformers generate {row['transformers_tokens_per_second']:7.1f} "
+                  f"tok/s (absorbed MLA {row['absorbed_vs_transformers']:.2f}x)", flush=True)
+    return {"config": "configs/small.py", "batch": 1, "timed_steps": steps, "rows": rows,
+            "transformers": {k: v for k, v in reference.items() if k != "tokens_per_second"}}
 
 
 def held_out_prompts(config, count: int, length: int) -> np.ndarray:
@@ -207,6 +252,9 @@ def plot(result: dict, path: pathlib.Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for attention in ("absorbed", "naive"):
         ax.plot(ctx, [r[f"{attention}_tokens_per_second"] for r in rows], marker="o", label=f"{attention} MLA")
+    measured = [r for r in rows if "transformers_tokens_per_second" in r]
+    ax.plot([r["context"] for r in measured], [r["transformers_tokens_per_second"] for r in measured], marker="s",
+            label="transformers generate")
     ax.set(xscale="log", yscale="log", xlabel="context length (tokens in the cache)", ylabel="decode tokens/s",
            title="configs/small.py, batch 1, CPU")
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())

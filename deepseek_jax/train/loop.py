@@ -34,7 +34,7 @@ import numpy as np
 import tqdm
 
 from deepseek_jax.train.checkpoint import Checkpointer, close_quietly
-from deepseek_jax.train.metrics import MetricWriter
+from deepseek_jax.train.metrics import MetricWriter, write_whole
 from deepseek_jax.train.placement import host_value
 
 
@@ -70,12 +70,8 @@ def host_scalars(metrics: dict) -> dict[str, float]:
 
 
 def write_json(workdir: str, name: str, text: str) -> None:
-    """`workdir/name` with `text` (the run's config.json or summary.json), whole or not at all: written
-    beside it and renamed into place, so a kill leaves the previous file."""
-    path = os.path.join(workdir, name)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    """`workdir/name` with `text` (the run's config.json or summary.json), whole or not at all."""
+    write_whole(os.path.join(workdir, name), text)
 
 
 def make_workdir(workdir: str) -> None:

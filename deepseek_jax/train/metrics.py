@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import sys
 
@@ -30,6 +31,14 @@ def _summary_writer_class():
 
 
 SummaryWriter = _summary_writer_class()
+
+
+def write_whole(path: str, text: str) -> None:
+    """`path` with `text`, whole or not at all: written beside it and renamed into place, so a kill leaves
+    the previous file (a run's metrics.csv, config.json, summary.json)."""
+    with open(path + ".tmp", "w", newline="") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 class MetricWriter:
@@ -60,12 +69,11 @@ class MetricWriter:
             self._rewrite()
 
     def _rewrite(self) -> None:
-        """The whole CSV, written beside it and renamed into place (a kill leaves the previous rows)."""
-        with open(self.csv_path + ".tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, self._columns, restval="")
-            writer.writeheader()
-            writer.writerows(self._rows)
-        os.replace(self.csv_path + ".tmp", self.csv_path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, self._columns, restval="")
+        writer.writeheader()
+        writer.writerows(self._rows)
+        write_whole(self.csv_path, text.getvalue())
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:

@@ -205,7 +205,7 @@ def test_an_unwritable_checkpoint_directory_stops_the_run_with_one_message(refer
     before = files_of(workdir / "checkpoints" / "2")
     (workdir / "checkpoints").chmod(0o555)
     try:
-        code, output, seconds = run(train_command(reference_run, workdir, steps=4), permissions=True)
+        code, output, _ = run(train_command(reference_run, workdir, steps=4), permissions=True)
     finally:
         (workdir / "checkpoints").chmod(0o755)
     last = output.strip().splitlines()[-1]

@@ -17,7 +17,7 @@ import shutil
 from deepseek_jax import convert
 from deepseek_jax.data import tokenizers
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.train.loop import load_config
+from deepseek_jax.train.loop import load_saved_config
 from deepseek_jax.train.weights import load_weights
 
 
@@ -25,7 +25,7 @@ def export_training_run(workdir: str, hf_path: str, *, dtype: str = "float32", s
                         use_ema: bool = False) -> str:
     """Writes the weights of the training run in `workdir` to `hf_path`; returns where they came from
     ("<workdir> step 6 (EMA)")."""
-    config = load_config(workdir)
+    config = load_saved_config(workdir)
     cfg = ModelConfig.from_dict(config.model)
     weights = load_weights(workdir, cfg, optimizer_cfg=config.train, step=step, use_ema=use_ema,
                            field="--workdir")

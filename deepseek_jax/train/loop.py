@@ -92,7 +92,7 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     write_json(workdir, "config.json", config.to_json_best_effort(indent=2))
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
+def load_saved_config(workdir: str) -> ml_collections.ConfigDict:
     """The run config `save_config` wrote in `workdir` (tuples come back as lists)."""
     path = os.path.join(workdir, "config.json")
     try:

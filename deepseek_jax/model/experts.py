@@ -153,8 +153,11 @@ def gather_dispatch(x_ND: jnp.ndarray, weights_NK: jnp.ndarray, indices_NK: jnp.
     """Each token gathers its K experts' weights: O(N*K*D*F) reads, no sort. For a few tokens at a time
     (decoding, N*K <= E), where touching every expert's weights is the cost. Returns [N, D] in x's dtype."""
     gate, up, down = w
-    gate_NKF = jnp.einsum("ND,NKDF->NKF", x_ND, gate[indices_NK])
-    up_NKF = jnp.einsum("ND,NKDF->NKF", x_ND, up[indices_NK])
+    # (N, K) as the batch dimensions of every product: with x broadcast per pair the gathered [D, F]
+    # blocks are multiplied where they lie (contracting x with "ND,NKDF" made XLA:CPU transpose them).
+    x_NKD = jnp.broadcast_to(x_ND[:, None], indices_NK.shape + x_ND.shape[-1:])
+    gate_NKF = jnp.einsum("NKD,NKDF->NKF", x_NKD, gate[indices_NK])
+    up_NKF = jnp.einsum("NKD,NKDF->NKF", x_NKD, up[indices_NK])
     out_NKD = jnp.einsum("NKF,NKFD->NKD", nn.silu(gate_NKF) * up_NKF, down[indices_NK])
     return jnp.einsum("NK,NKD->ND", weights_NK.astype(out_NKD.dtype), out_NKD).astype(x_ND.dtype)
 

@@ -25,6 +25,7 @@ torch.set_num_threads(1)  # Tiny ops: torch's spinning thread pool fights XLA's 
 
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf_v2  # noqa: E402
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3  # noqa: E402
+from transformers.models.deepseek_v32 import modeling_deepseek_v32 as hf_v32  # noqa: E402
 
 from deepseek_jax import convert, model  # noqa: E402
 from deepseek_jax.model.block import Block  # noqa: E402
@@ -62,8 +63,13 @@ CASES = {
                                        routed_scaling_factor=1.0, rope_parameters=dict(YARN, mscale=0.707,
                                                                                        mscale_all_dim=0.707)),
                     bias=None, mtp=False),
+    # DeepSeek-V3.2: every layer's MLA (the MTP layer's too) masked to the lightning indexer's top 4 keys of
+    # up to 12 (test_dsa.py checks the selections themselves, and that this seed has no near-tie at the cut).
+    "v32_sparse_attention": dict(arch="v32", hf=dict(index_n_heads=16, index_head_dim=16, index_topk=4),
+                                 bias=(0.0, 0.1), mtp=True),
 }
 CLASSES = {"v3": (transformers.DeepseekV3Config, hf_v3.DeepseekV3ForCausalLM),
+           "v32": (transformers.DeepseekV32Config, hf_v32.DeepseekV32ForCausalLM),
            "v2": (transformers.DeepseekV2Config, hf_v2.DeepseekV2ForCausalLM)}
 
 
@@ -142,13 +148,15 @@ def build(case, tmp, seed=0):
     spec = CASES[case]
     arch, mtp = spec["arch"], spec["mtp"]
     torch.manual_seed(seed)
-    cfg = hf_config(arch, **spec["hf"], **({"num_nextn_predict_layers": 1} if arch == "v3" else {}))
+    cfg = hf_config(arch, **spec["hf"], **({"num_nextn_predict_layers": 1} if arch != "v2" else {}))
     L = cfg.num_hidden_layers
     big = CLASSES[arch][1](hf_config(arch, **{**spec["hf"], "num_hidden_layers": L + 1})).eval()
     with torch.no_grad():
         for name, p in big.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("norm.bias"):  # The indexer's key LayerNorm (V3.2).
+                p.copy_(0.2 * torch.randn_like(p))
         if spec["bias"] is not None:
             for layer in big.model.layers[cfg.first_k_dense_replace:]:
                 mean, std = spec["bias"]
@@ -168,7 +176,7 @@ def build(case, tmp, seed=0):
     config = json.loads(cfg.to_json_string())  # What save_pretrained writes.
     for key in spec.get("drop_keys", ()):
         config.pop(key, None)
-    if arch == "v3" and not mtp:
+    if arch != "v2" and not mtp:
         config["num_nextn_predict_layers"] = 0
     reference = tmp / "ckpt"
     if spec.get("fp8"):

@@ -35,6 +35,16 @@ def tiny():
     return cfg, random_variables(cfg, 0)
 
 
+@pytest.fixture(scope="module", params=["dense", "sparse"])
+def dense_or_sparse(request, tiny):
+    """`tiny`, and tiny with DeepSeek Sparse Attention (V3.2): each query attends to the lightning indexer's
+    top 3 keys, over the cache too (whose layers then also hold the indexer's keys)."""
+    if request.param == "dense":
+        return tiny
+    cfg = tiny[0].replace(index_n_heads=4, index_head_dim=24, index_topk=3)
+    return cfg, random_variables(cfg, 0)
+
+
 def random_variables(cfg, seed):
     """Variables of the model's shapes, drawn on the host (no init program to compile): N(0, 0.02)
     kernels, norm scales around 1, and non-zero balancing biases so that passing the routing state to
@@ -77,10 +87,10 @@ def _chunk(cfg, variables, cache, tokens_BT, ahead_PBT, attention):
     return logits, jnp.stack(mtp), cache
 
 
-def test_cached_decoding_matches_full_forward_and_absorbed_matches_naive(tiny):
+def test_cached_decoding_matches_full_forward_and_absorbed_matches_naive(dense_or_sparse):
     """Prefill rows of different lengths, then feed one token at a time: every position's main and MTP
     logits equal the full-sequence forward's, and absorbed attention equals naive at every step."""
-    cfg, variables = tiny
+    cfg, variables = dense_or_sparse
     B, T = 3, 10
     tokens = jax.random.randint(jax.random.key(2), (B, T), 0, cfg.vocab_size)
     full = jax.jit(model.apply, static_argnums=0)(cfg, variables, tokens)
@@ -199,8 +209,8 @@ def test_speculative_greedy_equals_plain_greedy(tiny, drafter):
         assert plain_stop.lengths[b] == LENGTHS[b] + kept
 
 
-def test_generate_matches_uncached_reference(tiny):
-    cfg, variables = tiny
+def test_generate_matches_uncached_reference(dense_or_sparse):
+    cfg, variables = dense_or_sparse
     out = infer.generate(cfg, variables, PROMPTS, max_new_tokens=NEW, prompt_lengths=LENGTHS, pad_id=-1)
     assert out.shape == (3, PROMPTS.shape[1] + NEW)
     for b, length in enumerate(LENGTHS):

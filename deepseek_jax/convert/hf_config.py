@@ -1,4 +1,4 @@
-"""Hugging Face `config.json` <-> `ModelConfig` for the DeepSeek-V3 family (V3, R1, V2, V2-Lite).
+"""Hugging Face `config.json` <-> `ModelConfig` for the DeepSeek-V3 family (V3, R1, V3.2, V2, V2-Lite).
 
 Every key of a checkpoint's config is accounted for: it maps to a `ModelConfig` field, describes the storage
 format (`CheckpointFormat`: architecture, rope layout, FP8 blocks), is checked to hold the only value we
@@ -20,8 +20,8 @@ from typing import Any
 
 from deepseek_jax.model.config import ModelConfig
 
-V3, V2 = "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"
-MODEL_TYPES = {V3: "deepseek_v3", V2: "deepseek_v2"}
+V3, V32, V2 = "DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM", "DeepseekV2ForCausalLM"
+MODEL_TYPES = {V3: "deepseek_v3", V32: "deepseek_v32", V2: "deepseek_v2"}
 
 # ModelConfig fields read 1:1 from config.json (rope is handled separately).
 MODEL_KEYS = (
@@ -30,10 +30,14 @@ MODEL_KEYS = (
     "topk_group", "topk_method", "scoring_func", "norm_topk_prob", "routed_scaling_factor",
     "first_k_dense_replace", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
     "v_head_dim", "max_position_embeddings", "rms_norm_eps", "num_nextn_predict_layers")
+# V3.2's lightning indexer (DeepSeek Sparse Attention); only DeepseekV32ForCausalLM has these keys.
+INDEX_KEYS = ("index_n_heads", "index_head_dim", "index_topk")
 
 # Values the architecture implies when a config leaves the key out (transformers' own class defaults).
 ARCH_DEFAULTS = {
     V3: dict(topk_method="noaux_tc", scoring_func="sigmoid", num_nextn_predict_layers=1),
+    V32: dict(topk_method="noaux_tc", scoring_func="sigmoid", num_nextn_predict_layers=1, index_n_heads=64,
+              index_head_dim=128, index_topk=2048),
     V2: dict(topk_method="greedy", scoring_func="softmax", num_nextn_predict_layers=0, norm_topk_prob=False,
              routed_scaling_factor=1.0, n_group=1, topk_group=1, first_k_dense_replace=0),
 }
@@ -85,6 +89,8 @@ def _check_fixed(hf: Mapping[str, Any]) -> set[str]:
     heads = hf.get("num_attention_heads")
     rope, nope = hf.get("qk_rope_head_dim"), hf.get("qk_nope_head_dim")
     qk = None if rope is None or nope is None else rope + nope
+    layers, dense = hf.get("num_hidden_layers"), hf.get("first_k_dense_replace")
+    mlp_types = None if layers is None or dense is None else ["dense"] * dense + ["sparse"] * (layers - dense)
     rules = {
         "hidden_act": (lambda v: v == "silu", "the experts and MLPs are SwiGLU (silu)"),
         "attention_bias": (lambda v: not v, "MLA projections have no bias"),
@@ -97,6 +103,9 @@ def _check_fixed(hf: Mapping[str, Any]) -> set[str]:
         # transformers 5 sets head_dim to the rope width (its rotary code reads it); older tools used q/k width.
         "head_dim": (lambda v: v is None or v in (rope, qk), "it must be qk_rope_head_dim (transformers 5) "
                      "or qk_nope_head_dim + qk_rope_head_dim"),
+        # transformers' V3.2 config spells out per layer what first_k_dense_replace and DSA already say.
+        "mlp_layer_types": (lambda v: v == mlp_types, "layers below first_k_dense_replace are dense, the rest MoE"),
+        "layer_types": (lambda v: v == ["indexed_attention"] * layers, "every V3.2 layer runs sparse attention"),
     }
     for key, (ok, why) in rules.items():
         if key in hf and not ok(hf[key]):
@@ -171,22 +180,23 @@ def from_hf(hf: Mapping[str, Any]) -> tuple[ModelConfig, CheckpointFormat]:
         if hf.setdefault("num_nextn_predict_layers", alias) != alias:
             _fail("'num_mtp_layers'", f"= {alias} contradicts num_nextn_predict_layers="
                   f"{hf['num_nextn_predict_layers']}", "keep one of them")
-    handled = set(MODEL_KEYS) | set(ROPE_KEYS) | _check_fixed(hf) | IGNORED_KEYS | {
+    model_keys = MODEL_KEYS + (INDEX_KEYS if arch == V32 else ())
+    handled = set(model_keys) | set(ROPE_KEYS) | _check_fixed(hf) | IGNORED_KEYS | {
         "architectures", "model_type", "quantization_config"}
     unknown = sorted(set(hf) - handled)
     if unknown:
         _fail(f"keys {unknown}", f"are not understood by deepseek_jax's {arch} import",
               "Remove them if they do not change the model, or extend deepseek_jax/convert/hf_config.py")
-    values = {**ARCH_DEFAULTS[arch], **{k: hf[k] for k in MODEL_KEYS if k in hf}}
+    values = {**ARCH_DEFAULTS[arch], **{k: hf[k] for k in model_keys if k in hf}}
     if arch == V2:  # transformers' V2 config stores a missing group setting as null.
         values["n_group"] = values["n_group"] or 1
         values["topk_group"] = values["topk_group"] or 1
     missing = sorted(set(MODEL_KEYS) - set(values))
     if missing:
         _fail(f"keys {missing}", "are missing", "add them (DeepSeek's released config.json has all of them)")
-    if arch == V3 and (values["scoring_func"], values["topk_method"]) != ("sigmoid", "noaux_tc"):
+    if arch in (V3, V32) and (values["scoring_func"], values["topk_method"]) != ("sigmoid", "noaux_tc"):
         _fail("'scoring_func'/'topk_method'", f"= {values['scoring_func']!r}/{values['topk_method']!r}",
-              "DeepseekV3ForCausalLM routes with sigmoid affinities and noaux_tc only")
+              f"{arch} routes with sigmoid affinities and noaux_tc only")
     if arch == V2:
         if values["scoring_func"] != "softmax" or values["topk_method"] not in ("greedy", "group_limited_greedy"):
             _fail("'scoring_func'/'topk_method'", f"= {values['scoring_func']!r}/{values['topk_method']!r}",
@@ -196,8 +206,8 @@ def from_hf(hf: Mapping[str, Any]) -> tuple[ModelConfig, CheckpointFormat]:
                             "top-k weights, transformers 5's DeepseekV2 ignores the flag; logits will differ.")
     theta, scaling = _rope(hf)
     rope_interleave = hf.get("rope_interleave", True)
-    if arch == V2 and rope_interleave is not True:
-        _fail("'rope_interleave'", f"= {rope_interleave!r}", "V2 checkpoints always store interleaved rope pairs")
+    if arch in (V2, V32) and rope_interleave is not True:
+        _fail("'rope_interleave'", f"= {rope_interleave!r}", f"{arch} checkpoints always store MLA's rope interleaved")
     try:
         cfg = ModelConfig.from_dict({**values, "rope_theta": theta, "rope_scaling": scaling})
     except ValueError as e:
@@ -206,9 +216,13 @@ def from_hf(hf: Mapping[str, Any]) -> tuple[ModelConfig, CheckpointFormat]:
 
 
 def default_architecture(cfg: ModelConfig) -> str:
-    """The transformers class that computes `cfg`'s routing: V3 for sigmoid + noaux_tc, V2 for softmax."""
+    """The transformers class that computes `cfg`: V3 for sigmoid + noaux_tc routing (V3.2 with sparse
+    attention), V2 for softmax."""
     if cfg.n_routed_experts == 0 or (cfg.scoring_func, cfg.topk_method) == ("sigmoid", "noaux_tc"):
-        return V3
+        return V32 if cfg.sparse_attention else V3
+    if cfg.sparse_attention:
+        raise ValueError(f"No Hugging Face DeepSeek class combines sparse attention (index_topk={cfg.index_topk}) "
+                         f"with scoring_func={cfg.scoring_func!r}: DeepseekV32ForCausalLM routes with sigmoid/noaux_tc.")
     if cfg.scoring_func == "softmax" and cfg.topk_method in ("greedy", "group_limited_greedy"):
         return V2
     raise ValueError(f"No Hugging Face DeepSeek class routes with scoring_func={cfg.scoring_func!r} and "
@@ -220,12 +234,16 @@ def to_hf(cfg: ModelConfig, fmt: CheckpointFormat, base: Mapping[str, Any] | Non
     """ModelConfig -> config.json. Bookkeeping keys of `base` (token ids, ...) are kept; the model keys,
     rope and quantisation are rewritten. The rope is written in `base`'s style (transformers 5's
     `rope_parameters` or the released `rope_theta` + `rope_scaling`), released style by default."""
+    if (fmt.architecture == V32) != cfg.sparse_attention:
+        raise ValueError(f"{fmt.architecture} does not match the model: index_topk={cfg.index_topk} "
+                         f"(sparse attention is DeepseekV32ForCausalLM's, and only its): export as "
+                         f"{default_architecture(cfg)}.")
     base = dict(base or {})
     out = {k: v for k, v in base.items() if k in IGNORED_KEYS and k not in ("torch_dtype", "dtype")}
     out.update(architectures=[fmt.architecture], model_type=MODEL_TYPES[fmt.architecture], hidden_act="silu",
                attention_bias=False, tie_word_embeddings=False, num_key_value_heads=cfg.num_attention_heads,
                torch_dtype=torch_dtype)
-    out.update({k: getattr(cfg, k) for k in MODEL_KEYS})
+    out.update({k: getattr(cfg, k) for k in MODEL_KEYS + (INDEX_KEYS if fmt.architecture == V32 else ())})
     if fmt.architecture == V2 and cfg.num_nextn_predict_layers == 0:
         del out["num_nextn_predict_layers"]
     scaling = None if cfg.rope_scaling is None else {k: v for k, v in cfg.rope_scaling.items()

@@ -11,6 +11,7 @@ One `Leaf` per variable of `deepseek_jax.model.abstract_variables(cfg)`, derived
     routing/.../mlp/gate/e_score_correction_bias   model.layers.{layer}.mlp.gate.e_score_correction_bias
     params/mtp_{k}/{enorm,hnorm,eh_proj,norm}      model.layers.{L+k}.{enorm,hnorm,eh_proj,shared_head.norm}
     params/mtp_{k}/block/<path>                    model.layers.{L+k}.<path> (an ordinary decoder layer)
+    .../self_attn/indexer/{wq_b,wk,weights_proj}/kernel, k_norm/{scale,bias}   ...self_attn.indexer.* (V3.2)
 
 HF layer i is dense_layers[i] below first_k_dense_replace and moe_layers[i - first_k_dense_replace] above.
 The MTP layers also store copies of the embedding and output head (`redundant_names`), which we share.
@@ -99,6 +100,8 @@ def _in_layer(cfg: ModelConfig, path: Path, shape: tuple[int, ...], prefix: str,
     if rest[-1] in ("kernel", "scale"):
         return Leaf(path, shape, f"{prefix}.{'.'.join(rest[:-1])}.weight", layers, transpose=rest[-1] == "kernel",
                     rope=_rope_rows(cfg, rest[-2]) if rest[0] == "self_attn" else None)
+    if rest[-1] == "bias":  # The lightning indexer's key LayerNorm (V3.2).
+        return Leaf(path, shape, f"{prefix}.{'.'.join(rest[:-1])}.bias", layers)
     raise _unknown(path)
 
 

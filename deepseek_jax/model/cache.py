@@ -1,7 +1,7 @@
 """The MLA latent KV cache: per token and layer only c_KV and the shared rotated rope key, nothing per head.
 
 Legend: L layers of a stack, B batch, S cache slots, T new tokens, C kv latent (kv_lora_rank),
-R rope head dim (qk_rope_head_dim).
+R rope head dim (qk_rope_head_dim), I indexer head width (index_head_dim, sparse attention only).
 
 One fixed-size buffer of S slots per row, allocated once (so decoding never recompiles), plus
 `lengths` [B]: the number of valid leading slots of each row; slot s holds position s. Entries at or
@@ -31,10 +31,12 @@ from deepseek_jax.model.names import MTP_CACHE, stack_lengths
 
 @flax.struct.dataclass
 class LayerCache:
-    """What MLA keeps per token: the normalised latent and the rotated rope key (shared by all heads)."""
+    """What MLA keeps per token: the normalised latent and the rotated rope key (shared by all heads), and
+    under sparse attention (V3.2) the lightning indexer's key."""
 
     c_kv: jnp.ndarray  # [L, B, S, C] (or [B, S, C] for one layer, or [.., T, ..] for new entries)
     k_rope: jnp.ndarray  # [L, B, S, R]
+    index_k: jnp.ndarray | None = None  # [L, B, S, I]; None for dense attention.
 
 
 @flax.struct.dataclass
@@ -66,7 +68,7 @@ class KVCache:
         def put(buffer: jnp.ndarray, values: jnp.ndarray) -> jnp.ndarray:
             return buffer.at[lead, rows_B1, slots_BT].set(values.astype(buffer.dtype), mode="drop")
 
-        updated = LayerCache(put(stack.c_kv, new.c_kv), put(stack.k_rope, new.k_rope))
+        updated = jax.tree.map(put, stack, new)
         return self.replace(layers={**self.layers, name: updated})
 
 
@@ -81,10 +83,12 @@ def stack_depths(cfg: ModelConfig, mtp: bool) -> dict[str, int]:
 def init_cache(cfg: ModelConfig, batch: int, size: int, *, mtp: bool = False) -> KVCache:
     """An empty cache of `size` slots per row, in the compute dtype."""
     dtype = compute_dtype(cfg)
-    layers = {
-        name: LayerCache(jnp.zeros((depth, batch, size, cfg.kv_lora_rank), dtype),
-                         jnp.zeros((depth, batch, size, cfg.qk_rope_head_dim), dtype))
-        for name, depth in stack_depths(cfg, mtp).items()}
+    def zeros(depth: int, width: int) -> jnp.ndarray:
+        return jnp.zeros((depth, batch, size, width), dtype)
+
+    layers = {name: LayerCache(zeros(depth, cfg.kv_lora_rank), zeros(depth, cfg.qk_rope_head_dim),
+                               zeros(depth, cfg.index_head_dim) if cfg.sparse_attention else None)
+              for name, depth in stack_depths(cfg, mtp).items()}
     return KVCache(layers, jnp.zeros((batch,), jnp.int32))
 
 
@@ -97,7 +101,7 @@ def bytes_per_token(cache: KVCache) -> int:
     """Bytes the cache spends per token (all layers), from its arrays' shapes and dtypes."""
     per_row_slot = 0
     for stack in cache.layers.values():
-        for leaf in (stack.c_kv, stack.k_rope):
+        for leaf in jax.tree.leaves(stack):
             _, B, S = leaf.shape[:3]
             per_row_slot += leaf.size // (B * S) * jnp.dtype(leaf.dtype).itemsize
     return per_row_slot

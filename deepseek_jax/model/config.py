@@ -61,6 +61,11 @@ class ModelConfig:
     max_position_embeddings: int
     rms_norm_eps: float
     num_nextn_predict_layers: int
+    # DeepSeek Sparse Attention (V3.2, model/indexer.py): a lightning indexer of `index_n_heads` heads of
+    # width `index_head_dim` per attention layer picks each query's `index_topk` keys. 0 = dense MLA (V3).
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
     # --- ours ---
     dtype: str = "float32"  # Compute dtype; params are always float32.
     moe_dispatch: str = "ragged"  # 'dense' (reference), 'ragged' (sort + ragged_dot), 'gather' (decoding),
@@ -80,6 +85,11 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def sparse_attention(self) -> bool:
+        """Every attention layer runs the lightning indexer and attends to its top-k keys only (V3.2)."""
+        return self.index_topk > 0
 
     @property
     def num_dense_layers(self) -> int:
@@ -208,6 +218,27 @@ def _validate_node_limit(cfg: ModelConfig) -> None:
               f"and leave K / node_limit <= {E // groups} experts per group", "use e.g. 4 of 8 groups for K=8")
 
 
+def _validate_sparse_attention(cfg: ModelConfig) -> None:
+    """The indexer's three keys are all set (> 0) or all 0, and the indexer has the inputs it reads."""
+    keys = ("index_n_heads", "index_head_dim", "index_topk")
+    values = {k: getattr(cfg, k) for k in keys}
+    for key, value in values.items():
+        if not is_int(value) or value < 0:
+            _fail(key, f"must be an integer >= 0, got {value!r}", "use 0 for dense attention (V3)")
+    if not any(values.values()):
+        return
+    unset = [k for k, v in values.items() if not v]
+    if unset:
+        _fail(unset[0], f"is 0 while {', '.join(f'{k}={v}' for k, v in values.items() if v)} turn the lightning "
+              "indexer on", "set all of index_n_heads, index_head_dim, index_topk (V3.2: 64, 128, 2048), or all to 0")
+    if cfg.q_lora_rank is None:
+        _fail("q_lora_rank", "is None, but the lightning indexer projects its queries from the query latent",
+              "give the model a q_lora_rank (V3.2: 1536), or set index_topk=0")
+    if cfg.index_head_dim < cfg.qk_rope_head_dim:
+        _fail("index_head_dim", f"{cfg.index_head_dim} is narrower than the qk_rope_head_dim={cfg.qk_rope_head_dim} "
+              "channels the indexer rotates", f"use index_head_dim >= {cfg.qk_rope_head_dim}")
+
+
 def validate(cfg: ModelConfig) -> ModelConfig:
     """Raises ValueError naming the field (and the fix) for any impossible combination."""
     _check_positive(cfg, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -233,6 +264,7 @@ def validate(cfg: ModelConfig) -> ModelConfig:
         _fail("dtype", f"{cfg.dtype!r} is not a compute dtype", f"use one of {DTYPES}")
     _validate_rope_scaling(cfg)
     _validate_routing(cfg)
+    _validate_sparse_attention(cfg)
     if not isinstance(cfg.scan_layers, bool):
         _fail("scan_layers", f"{cfg.scan_layers!r} is not a bool", "use True or False")
     if cfg.remat not in REMAT_POLICIES:

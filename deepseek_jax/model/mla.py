@@ -9,7 +9,11 @@ R rope head dim (qk_rope_head_dim), V value head dim, C kv latent (kv_lora_rank)
     k_nope, v = RMSNorm(c_KV) W_UKV              [B,T,H,K], [B,T,H,V]
     o    = softmax((q_nope.k_nope + q_rope.k_rope) * scale + mask) v  W_O
 
-A KV cache needs only RMSNorm(c_KV) and the rotated k_rope per token (model/cache.py). Given one, the
+With DeepSeek Sparse Attention (V3.2, cfg.sparse_attention) a lightning indexer (model/indexer.py) scores
+every allowed key per query, and the mask keeps only each query's index_topk best.
+
+A KV cache needs only RMSNorm(c_KV) and the rotated k_rope per token (model/cache.py), and the indexer's key
+under sparse attention. Given one, the
 new tokens attend over [cache ; themselves], `absorbed` (scores against the latent directly, DeepSeek's
 inference form) or `naive` (the latent up-projected to per-head keys and values), and their own entries
 come back for the caller to write. Parameter names are those of the Hugging Face checkpoints, kernels
@@ -26,10 +30,12 @@ from jax.ad_checkpoint import checkpoint_name
 from deepseek_jax.model import remat, rope
 from deepseek_jax.model.cache import LayerCache, past_mask
 from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.model.indexer import Indexer, index_scores, top_k_mask
 from deepseek_jax.model.layers import Linear, RMSNorm, compute_dtype
 from deepseek_jax.ops.recipe import Recipe
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)
+IndexerOutputs = tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]  # Indexer's (q [B,T,G,I], weights [B,T,G], key [B,T,I]).
 # The latent norms use a fixed epsilon whatever `rms_norm_eps` says, as DeepSeek's inference code and
 # transformers do (only the layer norms read the config).
 LATENT_NORM_EPS = 1e-6
@@ -89,18 +95,22 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(H * (cfg.qk_nope_head_dim + cfg.v_head_dim), ("kv_lora", "heads"), dtype,
                                 recipe=mm, checkpoint_as=remat.MLA_UP_PROJ)
         self.o_proj = Linear(cfg.hidden_size, ("heads", "embed"), dtype, recipe=mm)
+        if cfg.sparse_attention:
+            self.indexer = Indexer(cfg)
 
     def queries(self, x_BTD: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray
-                ) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """q_nope [B,T,H,K] and rotated q_rope [B,T,H,R]."""
+                ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
+        """q_nope [B,T,H,K], rotated q_rope [B,T,H,R] and the normalised query latent c_Q [B,T,Q] (None
+        without one)."""
         cfg = self.cfg
         if cfg.q_lora_rank is None:
-            q = self.q_proj(x_BTD)
+            q, q_latent = self.q_proj(x_BTD), None
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+            q_latent = self.q_a_layernorm(self.q_a_proj(x_BTD))
+            q = self.q_b_proj(q_latent)
         q_BTHK = q.reshape(*x_BTD.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)
         q_nope, q_rope = q_BTHK[..., :cfg.qk_nope_head_dim], q_BTHK[..., cfg.qk_nope_head_dim:]
-        return q_nope, rope.apply_rotary(q_rope, cos, sin)
+        return q_nope, rope.apply_rotary(q_rope, cos, sin), q_latent
 
     def latent_kv(self, x_BTD: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray
                   ) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -136,11 +146,22 @@ class MLA(nn.Module):
         out_BTHV = checkpoint_name(attention_core(q, k, v, mask_B1TS), remat.ATTENTION)
         return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
 
+    def sparse_mask(self, index: IndexerOutputs | None, keys_BSI: jnp.ndarray | None,
+                    mask_B1TS: jnp.ndarray) -> jnp.ndarray:
+        """`mask` narrowed to each query's index_topk keys by the indexer (unchanged without one).
+        index: the queries' indexer outputs (q [B,T,G,I], weights [B,T,G], ...); keys_BSI their keys."""
+        if index is None:
+            return mask_B1TS
+        scores = index_scores(index[0], index[1], keys_BSI)
+        return mask_B1TS & top_k_mask(scores, mask_B1TS[:, 0], self.cfg.index_topk)[:, None]
+
     def self_attend(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BTC: jnp.ndarray,
-                    k_rope_BTR: jnp.ndarray, segment_ids_BT: jnp.ndarray) -> jnp.ndarray:
+                    k_rope_BTR: jnp.ndarray, segment_ids_BT: jnp.ndarray,
+                    index: IndexerOutputs | None = None) -> jnp.ndarray:
         """`attend` over the sequence itself (causal, within documents), QUERY_CHUNK queries at a time,
         each chunk against the keys up to its last query only: the causal mask's upper triangle of
-        blocks is never computed (about half the scores at long T). Returns [B,T,D]."""
+        blocks is never computed (about half the scores at long T). Under sparse attention each chunk's
+        queries are scored by the indexer against the same keys and masked to their top k. Returns [B,T,D]."""
         q, k, v = self.joint_qkv(q_nope, q_rope, c_kv_BTC, k_rope_BTR)
         T = q.shape[1]
         chunks = []
@@ -148,6 +169,9 @@ class MLA(nn.Module):
             end = min(start + QUERY_CHUNK, T)
             mask = attention_mask(segment_ids_BT[:, start:end], segment_ids_BT[:, :end],
                                   jnp.arange(start, end)[None, :], jnp.arange(end)[None, :])
+            if index is not None:
+                chunk = (index[0][:, start:end], index[1][:, start:end])
+                mask = self.sparse_mask(chunk, index[2][:, :end], mask)
             chunks.append(attention_core(q[:, start:end], k[:, :end], v[:, :end], mask))
         out_BTHV = checkpoint_name(jnp.concatenate(chunks, axis=1), remat.ATTENTION)
         return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
@@ -182,13 +206,18 @@ class MLA(nn.Module):
         its valid lengths [B], the new tokens over [cache ; themselves] (positions = their slots)."""
         cfg = self.cfg
         cos, sin = rope.cos_sin(positions_BT, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
-        q_nope, q_rope = self.queries(x_BTD, cos, sin)
+        q_nope, q_rope, q_latent = self.queries(x_BTD, cos, sin)
         c_kv, k_rope = self.latent_kv(x_BTD, cos, sin)
+        index = self.indexer(x_BTD, q_latent, cos, sin) if cfg.sparse_attention else None
         if cache is None:
-            return self.self_attend(q_nope, q_rope, c_kv, k_rope, segment_ids_BT), None
+            return self.self_attend(q_nope, q_rope, c_kv, k_rope, segment_ids_BT, index), None
         chex.assert_rank([cache.c_kv, cache.k_rope, lengths_B], [3, 3, 1])
-        keys_c = jnp.concatenate([cache.c_kv.astype(c_kv.dtype), c_kv], axis=1)
-        keys_r = jnp.concatenate([cache.k_rope.astype(k_rope.dtype), k_rope], axis=1)
+        past = lambda cached, new: jnp.concatenate([cached.astype(new.dtype), new], axis=1)  # noqa: E731
         mask = past_mask(lengths_B, cache.c_kv.shape[1], x_BTD.shape[1])
+        new_index_keys = None
+        if index is not None:
+            new_index_keys = index[2]
+            mask = self.sparse_mask(index, past(cache.index_k, new_index_keys), mask)
         attend = self.attend_absorbed if self.cached_attention == "absorbed" else self.attend
-        return attend(q_nope, q_rope, keys_c, keys_r, mask), LayerCache(c_kv, k_rope)
+        return (attend(q_nope, q_rope, past(cache.c_kv, c_kv), past(cache.k_rope, k_rope), mask),
+                LayerCache(c_kv, k_rope, new_index_keys))

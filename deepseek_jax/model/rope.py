@@ -86,3 +86,13 @@ def apply_rotary(x_BTHR: jnp.ndarray, cos_BTP: jnp.ndarray, sin_BTP: jnp.ndarray
     cos, sin = cos_BTP[:, :, None, :], sin_BTP[:, :, None, :]
     rotated = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
     return rotated.reshape(x.shape).astype(x_BTHR.dtype)
+
+
+def apply_rotary_half_split(x_BTHR: jnp.ndarray, cos_BTP: jnp.ndarray, sin_BTP: jnp.ndarray) -> jnp.ndarray:
+    """`apply_rotary` for channels stored half-split: channel j pairs with j + R/2 (the rotate-half layout of
+    DeepSeek-V3.2's lightning indexer in transformers, model/indexer.py). Float32 inside, x's dtype out."""
+    x = x_BTHR.astype(jnp.float32)
+    first, second = jnp.split(x, 2, axis=-1)
+    cos, sin = cos_BTP[:, :, None, :], sin_BTP[:, :, None, :]
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x_BTHR.dtype)

@@ -49,7 +49,7 @@ HOUSE_RULES: Rules = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("stage", None), ("layers", None), ("embed", None), ("q_lora", None), ("kv_lora", None), ("router", None),
-    ("expert_mlp", None), ("mtp_concat", None),
+    ("expert_mlp", None), ("mtp_concat", None), ("index_heads", None), ("index_head", None),
 )
 # The rules the dispatch and the pipeline are built around: `parallel.rules` cannot move them.
 STRUCTURAL = ("batch", "expert", "stage")

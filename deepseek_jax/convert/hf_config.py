@@ -221,8 +221,9 @@ def default_architecture(cfg: ModelConfig) -> str:
     if cfg.n_routed_experts == 0 or (cfg.scoring_func, cfg.topk_method) == ("sigmoid", "noaux_tc"):
         return V32 if cfg.sparse_attention else V3
     if cfg.sparse_attention:
-        raise ValueError(f"No Hugging Face DeepSeek class combines sparse attention (index_topk={cfg.index_topk}) "
-                         f"with scoring_func={cfg.scoring_func!r}: DeepseekV32ForCausalLM routes with sigmoid/noaux_tc.")
+        raise ValueError(f"No Hugging Face DeepSeek class combines sparse attention (index_topk="
+                         f"{cfg.index_topk}) with scoring_func={cfg.scoring_func!r}: DeepseekV32ForCausalLM routes "
+                         "with sigmoid/noaux_tc.")
     if cfg.scoring_func == "softmax" and cfg.topk_method in ("greedy", "group_limited_greedy"):
         return V2
     raise ValueError(f"No Hugging Face DeepSeek class routes with scoring_func={cfg.scoring_func!r} and "

@@ -46,9 +46,9 @@ class Indexer(nn.Module):
 
     def setup(self) -> None:
         cfg, dtype = self.cfg, compute_dtype(self.cfg)
-        G, I = cfg.index_n_heads, cfg.index_head_dim
-        self.wq_b = Linear(G * I, ("q_lora", "index_heads"), dtype)
-        self.wk = Linear(I, ("embed", "index_head"), dtype)
+        G, width = cfg.index_n_heads, cfg.index_head_dim
+        self.wq_b = Linear(G * width, ("q_lora", "index_heads"), dtype)
+        self.wk = Linear(width, ("embed", "index_head"), dtype)
         self.k_norm = nn.LayerNorm(
             epsilon=KEY_NORM_EPS, dtype=jnp.float32, param_dtype=jnp.float32,
             scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("index_head",)),
@@ -59,8 +59,8 @@ class Indexer(nn.Module):
     def __call__(self, x_BTD: jnp.ndarray, q_latent_BTQ: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray
                  ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
         cfg = self.cfg
-        G, I, R = cfg.index_n_heads, cfg.index_head_dim, cfg.qk_rope_head_dim
-        q = self.wq_b(q_latent_BTQ).reshape(*x_BTD.shape[:2], G, I)
+        G, R = cfg.index_n_heads, cfg.qk_rope_head_dim
+        q = self.wq_b(q_latent_BTQ).reshape(*x_BTD.shape[:2], G, cfg.index_head_dim)
         q = jnp.concatenate([rope.apply_rotary_half_split(q[..., :R], cos, sin), q[..., R:]], axis=-1)
         key = self.k_norm(self.wk(x_BTD).astype(jnp.float32)).astype(q.dtype)
         key = jnp.concatenate([rope.apply_rotary_half_split(key[:, :, None, :R], cos, sin)[:, :, 0], key[..., R:]],

@@ -81,8 +81,9 @@ def sparse_tiny():
 
 
 def test_large_top_k_is_dense_attention_and_the_sparse_mask_matters(sparse_tiny):
-    """index_topk >= T gives exactly the dense model without the indexer's weights (V3's forward); the
-    configured k = 3 changes every position after the third and none before."""
+    """index_topk >= T gives the dense model without the indexer's weights (V3's forward; up to rounding, the
+    sparse path attending in MLA's absorbed form); the configured k = 3 changes every position after the third
+    and none before."""
     cfg, variables = sparse_tiny
     tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
     forward = jax.jit(model.apply, static_argnums=0, compiler_options=FAST_COMPILE)
@@ -95,10 +96,10 @@ def test_large_top_k_is_dense_attention_and_the_sparse_mask_matters(sparse_tiny)
     del dense_vars["params"]["mtp_0"]["block"]["self_attn"]["indexer"]
     jax.tree.map(lambda a, b: None, dense_vars, model.abstract_variables(dense_cfg))  # Same tree as V3's.
     dense = forward(dense_cfg, dense_vars, tokens)
-    np.testing.assert_array_equal(np.asarray(wide.logits), np.asarray(dense.logits))
-    np.testing.assert_array_equal(np.asarray(wide.mtp_logits), np.asarray(dense.mtp_logits))
+    np.testing.assert_allclose(np.asarray(wide.logits), np.asarray(dense.logits), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(wide.mtp_logits), np.asarray(dense.mtp_logits), atol=1e-5, rtol=0)
     diff = np.abs(np.asarray(sparse.logits) - np.asarray(dense.logits)).max(axis=(0, 2))
-    assert np.all(diff[:3] == 0) and np.all(diff[3:] > 1e-3), diff
+    assert np.all(diff[:3] < 1e-5) and np.all(diff[3:] > 1e-3), diff
 
 
 def test_packed_documents_select_and_attend_as_if_alone(sparse_tiny):

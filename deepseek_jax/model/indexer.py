@@ -76,11 +76,19 @@ def index_scores(q_BTGI: jnp.ndarray, weights_BTG: jnp.ndarray, keys_BSI: jnp.nd
     return jnp.einsum("BTG,BTGS->BTS", weights_BTG.astype(jnp.float32), relu)
 
 
+def top_k_keys(scores_BTS: jnp.ndarray, allowed_BTS: jnp.ndarray, k: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Each query's min(k, S) highest-scoring keys: (key indices int32 [B,T,k], valid bool [B,T,k]).
+
+    A query allowing fewer than k keys gets all of them, padded with disallowed indices marked invalid.
+    """
+    masked = jnp.where(allowed_BTS, scores_BTS, -jnp.inf)
+    _, keys_BTK = jax.lax.top_k(jax.lax.stop_gradient(masked), min(k, scores_BTS.shape[-1]))
+    return keys_BTK, jnp.take_along_axis(allowed_BTS, keys_BTK, axis=-1)
+
+
 def top_k_mask(scores_BTS: jnp.ndarray, allowed_BTS: jnp.ndarray, k: int) -> jnp.ndarray:
     """Boolean [B, T, S]: each query's k highest-scoring allowed keys (all allowed ones when fewer)."""
     B, T, S = scores_BTS.shape
-    masked = jnp.where(allowed_BTS, scores_BTS, -jnp.inf)
-    _, chosen_BTK = jax.lax.top_k(jax.lax.stop_gradient(masked), min(k, S))
+    keys_BTK, valid_BTK = top_k_keys(scores_BTS, allowed_BTS, k)
     rows_B11, queries_1T1 = jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None]
-    selected = jnp.zeros((B, T, S), bool).at[rows_B11, queries_1T1, chosen_BTK].set(True)
-    return selected & allowed_BTS  # With fewer than k allowed keys, top_k also returns disallowed ones.
+    return jnp.zeros((B, T, S), bool).at[rows_B11, queries_1T1, keys_BTK].set(valid_BTK)

@@ -30,7 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 from deepseek_jax.model import remat, rope
 from deepseek_jax.model.cache import LayerCache, past_mask
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.model.indexer import Indexer, index_scores, top_k_mask
+from deepseek_jax.model.indexer import Indexer, index_scores, top_k_keys, top_k_mask
 from deepseek_jax.model.layers import Linear, RMSNorm, compute_dtype
 from deepseek_jax.ops.recipe import Recipe
 
@@ -146,22 +146,11 @@ class MLA(nn.Module):
         out_BTHV = checkpoint_name(attention_core(q, k, v, mask_B1TS), remat.ATTENTION)
         return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
 
-    def sparse_mask(self, index: IndexerOutputs | None, keys_BSI: jnp.ndarray | None,
-                    mask_B1TS: jnp.ndarray) -> jnp.ndarray:
-        """`mask` narrowed to each query's index_topk keys by the indexer (unchanged without one).
-        index: the queries' indexer outputs (q [B,T,G,I], weights [B,T,G], ...); keys_BSI their keys."""
-        if index is None:
-            return mask_B1TS
-        scores = index_scores(index[0], index[1], keys_BSI)
-        return mask_B1TS & top_k_mask(scores, mask_B1TS[:, 0], self.cfg.index_topk)[:, None]
-
     def self_attend(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BTC: jnp.ndarray,
-                    k_rope_BTR: jnp.ndarray, segment_ids_BT: jnp.ndarray,
-                    index: IndexerOutputs | None = None) -> jnp.ndarray:
+                    k_rope_BTR: jnp.ndarray, segment_ids_BT: jnp.ndarray) -> jnp.ndarray:
         """`attend` over the sequence itself (causal, within documents), QUERY_CHUNK queries at a time,
         each chunk against the keys up to its last query only: the causal mask's upper triangle of
-        blocks is never computed (about half the scores at long T). Under sparse attention each chunk's
-        queries are scored by the indexer against the same keys and masked to their top k. Returns [B,T,D]."""
+        blocks is never computed (about half the scores at long T). Returns [B,T,D]."""
         q, k, v = self.joint_qkv(q_nope, q_rope, c_kv_BTC, k_rope_BTR)
         T = q.shape[1]
         chunks = []
@@ -169,12 +158,30 @@ class MLA(nn.Module):
             end = min(start + QUERY_CHUNK, T)
             mask = attention_mask(segment_ids_BT[:, start:end], segment_ids_BT[:, :end],
                                   jnp.arange(start, end)[None, :], jnp.arange(end)[None, :])
-            if index is not None:
-                chunk = (index[0][:, start:end], index[1][:, start:end])
-                mask = self.sparse_mask(chunk, index[2][:, :end], mask)
             chunks.append(attention_core(q[:, start:end], k[:, :end], v[:, :end], mask))
         out_BTHV = checkpoint_name(jnp.concatenate(chunks, axis=1), remat.ATTENTION)
         return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
+
+    def self_attend_sparse(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BTC: jnp.ndarray,
+                           k_rope_BTR: jnp.ndarray, segment_ids_BT: jnp.ndarray, index: IndexerOutputs
+                           ) -> jnp.ndarray:
+        """Sparse attention over the sequence itself, QUERY_CHUNK queries at a time: the indexer scores each
+        chunk's queries against the keys up to its last query, and each query attends to its top index_topk
+        allowed keys only (`attend_selected`: MLA's shared-latent form, in which the V3.2 report builds DSA).
+        Attention is O(T k) and no [T, T] score matrix exists per head; the indexer's own scores are
+        [chunk, T] per block. Returns [B,T,D]."""
+        T = q_nope.shape[1]
+        q_index, weights, keys = index
+        chunks = []
+        for start in range(0, T, QUERY_CHUNK):
+            end = min(start + QUERY_CHUNK, T)
+            allowed = attention_mask(segment_ids_BT[:, start:end], segment_ids_BT[:, :end],
+                                     jnp.arange(start, end)[None, :], jnp.arange(end)[None, :])[:, 0]
+            scores = index_scores(q_index[:, start:end], weights[:, start:end], keys[:, :end])
+            selected, valid = top_k_keys(scores, allowed, self.cfg.index_topk)
+            chunks.append(self.attend_selected(q_nope[:, start:end], q_rope[:, start:end], c_kv_BTC[:, :end],
+                                               k_rope_BTR[:, :end], selected, valid))
+        return jnp.concatenate(chunks, axis=1)
 
     def attend_absorbed(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BSC: jnp.ndarray,
                         k_rope_BSR: jnp.ndarray, mask_B1TS: jnp.ndarray) -> jnp.ndarray:
@@ -185,17 +192,41 @@ class MLA(nn.Module):
             scores = (q_nope W_UK^T) . c_KV + q_rope . k_rope,   out = (softmax(scores) c_KV) W_UV W_O.
         Equal to `attend` up to rounding; the weight matmuls here are plain (no FP8 recipe).
         """
-        cfg = self.cfg
-        H, K = cfg.num_attention_heads, cfg.qk_nope_head_dim
-        w_CHX = self.kv_b_proj.variables["params"]["kernel"].astype(q_nope.dtype).reshape(
-            cfg.kv_lora_rank, H, K + cfg.v_head_dim)
-        w_uk_CHK, w_uv_CHV = w_CHX[..., :K], w_CHX[..., K:]
+        w_uk_CHK, w_uv_CHV = self.absorbed_weights(q_nope.dtype)
         q_latent_BTHC = jnp.einsum("BTHK,CHK->BTHC", q_nope, w_uk_CHK)
         scores = (jnp.einsum("BTHC,BSC->BHTS", q_latent_BTHC, c_kv_BSC, preferred_element_type=jnp.float32)
                   + jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope_BSR, preferred_element_type=jnp.float32))
-        scores = scores * rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
+        scores = scores * rope.softmax_scale(self.cfg.qk_head_dim, self.cfg.rope_scaling)
         probs = nn.softmax(jnp.where(mask_B1TS, scores, NEG_INF), axis=-1).astype(c_kv_BSC.dtype)
         out_BTHC = jnp.einsum("BHTS,BSC->BTHC", probs, c_kv_BSC)
+        out_BTHV = jnp.einsum("BTHC,CHV->BTHV", out_BTHC, w_uv_CHV)
+        return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
+
+    def absorbed_weights(self, dtype: jnp.dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """kv_b_proj split per head into W_UK [C,H,K] and W_UV [C,H,V], in `dtype`."""
+        cfg = self.cfg
+        H, K = cfg.num_attention_heads, cfg.qk_nope_head_dim
+        if self.is_initializing():  # Sparse attention reads the kernel without calling the layer: create it.
+            self.kv_b_proj(jnp.zeros((1, cfg.kv_lora_rank), dtype))
+        w_CHX = nn.meta.unbox(self.kv_b_proj.variables["params"]["kernel"]).astype(dtype).reshape(
+            cfg.kv_lora_rank, H, K + cfg.v_head_dim)
+        return w_CHX[..., :K], w_CHX[..., K:]
+
+    def attend_selected(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BSC: jnp.ndarray,
+                        k_rope_BSR: jnp.ndarray, keys_BTJ: jnp.ndarray, valid_BTJ: jnp.ndarray) -> jnp.ndarray:
+        """`attend_absorbed` over each query's own J selected keys (sparse attention, J = index_topk): their
+        latents and rope keys are gathered per query ([B,T,J,C], [B,T,J,R]) and nothing else is read, so a
+        decoded token's attention costs O(J) whatever the context. `valid` marks real keys among `keys`
+        (a query with fewer than J allowed keys). Returns [B,T,D]."""
+        w_uk_CHK, w_uv_CHV = self.absorbed_weights(q_nope.dtype)
+        rows_B11 = jnp.arange(c_kv_BSC.shape[0])[:, None, None]
+        c_BTJC, r_BTJR = c_kv_BSC[rows_B11, keys_BTJ], k_rope_BSR[rows_B11, keys_BTJ]
+        q_latent_BTHC = jnp.einsum("BTHK,CHK->BTHC", q_nope, w_uk_CHK)
+        scores = (jnp.einsum("BTHC,BTJC->BHTJ", q_latent_BTHC, c_BTJC, preferred_element_type=jnp.float32)
+                  + jnp.einsum("BTHR,BTJR->BHTJ", q_rope, r_BTJR, preferred_element_type=jnp.float32))
+        scores = scores * rope.softmax_scale(self.cfg.qk_head_dim, self.cfg.rope_scaling)
+        probs = nn.softmax(jnp.where(valid_BTJ[:, None], scores, NEG_INF), axis=-1).astype(c_BTJC.dtype)
+        out_BTHC = jnp.einsum("BHTJ,BTJC->BTHC", probs, c_BTJC)
         out_BTHV = jnp.einsum("BTHC,CHV->BTHV", out_BTHC, w_uv_CHV)
         return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
 
@@ -210,14 +241,21 @@ class MLA(nn.Module):
         c_kv, k_rope = self.latent_kv(x_BTD, cos, sin)
         index = self.indexer(x_BTD, q_latent, cos, sin) if cfg.sparse_attention else None
         if cache is None:
-            return self.self_attend(q_nope, q_rope, c_kv, k_rope, segment_ids_BT, index), None
+            if index is not None:
+                return self.self_attend_sparse(q_nope, q_rope, c_kv, k_rope, segment_ids_BT, index), None
+            return self.self_attend(q_nope, q_rope, c_kv, k_rope, segment_ids_BT), None
         chex.assert_rank([cache.c_kv, cache.k_rope, lengths_B], [3, 3, 1])
         past = lambda cached, new: jnp.concatenate([cached.astype(new.dtype), new], axis=1)  # noqa: E731
+        keys_c, keys_r = past(cache.c_kv, c_kv), past(cache.k_rope, k_rope)
         mask = past_mask(lengths_B, cache.c_kv.shape[1], x_BTD.shape[1])
-        new_index_keys = None
-        if index is not None:
-            new_index_keys = index[2]
-            mask = self.sparse_mask(index, past(cache.index_k, new_index_keys), mask)
-        attend = self.attend_absorbed if self.cached_attention == "absorbed" else self.attend
-        return (attend(q_nope, q_rope, past(cache.c_kv, c_kv), past(cache.k_rope, k_rope), mask),
-                LayerCache(c_kv, k_rope, new_index_keys))
+        if index is None:
+            attend = self.attend_absorbed if self.cached_attention == "absorbed" else self.attend
+            return attend(q_nope, q_rope, keys_c, keys_r, mask), LayerCache(c_kv, k_rope)
+        entries = LayerCache(c_kv, k_rope, index[2])
+        index_keys = past(cache.index_k, index[2])
+        scores = index_scores(index[0], index[1], index_keys)
+        if self.cached_attention == "naive":  # The reference: every key scored, the unselected masked.
+            mask = mask & top_k_mask(scores, mask[:, 0], self.cfg.index_topk)[:, None]
+            return self.attend(q_nope, q_rope, keys_c, keys_r, mask), entries
+        selected, valid = top_k_keys(scores, mask[:, 0], self.cfg.index_topk)
+        return self.attend_selected(q_nope, q_rope, keys_c, keys_r, selected, valid), entries

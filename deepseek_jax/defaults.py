@@ -108,6 +108,12 @@ def train_config() -> ml_collections.ConfigDict:
     c.sample_tokens = 96  # Tokens generated for that sample (0 = no sample).
     c.sample_temperature = 0.7  # 0 = greedy (tiny models then often repeat whitespace).
     c.init_from = ""  # A `python -m deepseek_jax.convert` workdir whose weights start the run (fine-tuning).
+    # DeepSeek Sparse Attention (V3.2 report, section 2.1.1), for a model with a lightning indexer:
+    # 'dense_warmup' (attention stays dense, every other weight frozen, the indexer learns the attention's
+    # distribution by KL), 'sparse' (top-k attention trains the model; the indexer keeps its KL on the selected
+    # keys), or '' (no indexer loss).
+    c.indexer_stage = ""
+    c.indexer_loss_weight = 1.0  # Weight of the indexer's KL in the loss (it trains the indexer alone).
     return c
 
 

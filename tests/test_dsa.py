@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from common import model_config
+from common import micro_run_config, model_config, read_rows
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -20,6 +20,9 @@ from deepseek_jax import convert, model  # noqa: E402
 from deepseek_jax.model import indexer as indexer_lib  # noqa: E402
 from deepseek_jax.model.block import Block  # noqa: E402
 from deepseek_jax.model.mla import attention_mask  # noqa: E402
+from deepseek_jax.train.pretrain import train_and_evaluate  # noqa: E402
+from deepseek_jax.train.validation import validate_run_config  # noqa: E402
+from deepseek_jax.train.weights import load_weights  # noqa: E402
 
 CASE = "v32_sparse_attention"
 
@@ -148,3 +151,118 @@ def test_hugging_face_config_maps_both_ways():
         convert.hf_config.to_hf(cfg, convert.CheckpointFormat(convert.hf_config.V3))
     with pytest.raises(ValueError, match="not understood"):  # V3 has no indexer keys.
         convert.from_hf(dict(hf, architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3"))
+
+
+# ------------------------------------------------------------------ training the indexer (V3.2 section 2.1.1)
+
+
+def test_indexer_kl_matches_numpy_on_a_hand_made_case():
+    """KL(p || softmax(I)) per query over the marked keys, p the head-summed attention L1-normalised there;
+    a query with no marked key (padding) gives 0, and no NaN reaches the gradient."""
+    attention = np.array([[[0.6, 0.3, 0.1, 0.0], [0.2, 0.2, 0.5, 0.1], [0.0, 0.0, 0.0, 0.0]]])  # [1, 3, 4]
+    scores = np.array([[[1.0, -2.0, 0.5, 3.0], [0.0, 0.1, -0.3, 2.0], [1.0, 1.0, 1.0, 1.0]]])
+    keys = np.array([[[True, True, True, False], [False, True, True, True], [False] * 4]])
+    expected = []
+    for t in range(3):
+        marked = keys[0, t]
+        if not marked.any():
+            expected.append(0.0)
+            continue
+        p = attention[0, t, marked] / attention[0, t, marked].sum()
+        q = np.exp(scores[0, t, marked]) / np.exp(scores[0, t, marked]).sum()
+        expected.append(float(np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p / q, 1.0)), 0.0))))
+    got = indexer_lib.indexer_kl(jnp.asarray(attention, jnp.float32), jnp.asarray(scores, jnp.float32),
+                                 jnp.asarray(keys))
+    np.testing.assert_allclose(np.asarray(got)[0], expected, rtol=1e-6, atol=1e-7)
+    grad = jax.grad(lambda s: indexer_lib.indexer_kl(jnp.asarray(attention, jnp.float32), s,
+                                                     jnp.asarray(keys)).sum())(jnp.asarray(scores, jnp.float32))
+    assert np.all(np.isfinite(np.asarray(grad))) and np.all(np.asarray(grad)[~keys] == 0)
+
+
+def is_indexer_path(path) -> bool:
+    return "indexer" in jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_gradients_flow_only_where_the_report_says(sparse_tiny, stage):
+    """The language-model loss trains everything but the indexers (not a single non-zero gradient reaches
+    them), the indexers' KL trains only them (its target and its inputs are detached), in both stages."""
+    cfg, variables = sparse_tiny
+    cfg = cfg.replace(indexer_loss=stage)
+    tokens = jax.random.randint(jax.random.key(5), (2, 12), 0, cfg.vocab_size)
+
+    def losses(params):
+        out = model.apply(cfg, {**variables, "params": params}, tokens)
+        logp = jax.nn.log_softmax(out.logits[:, :-1])
+        lm = -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+        kl = [s["indexer_kl"].sum() for s in out.router_stats.values()]
+        assert len(kl) == 3  # The dense stack, the MoE stack, the MTP block.
+        return lm, sum(kl)
+
+    lm_grads = jax.grad(lambda p: losses(p)[0])(variables["params"])
+    kl_grads = jax.grad(lambda p: losses(p)[1])(variables["params"])
+    flat_lm = jax.tree_util.tree_flatten_with_path(lm_grads)[0]
+    flat_kl = jax.tree_util.tree_flatten_with_path(kl_grads)[0]
+    for (path, g_lm), (_, g_kl) in zip(flat_lm, flat_kl):
+        name = jax.tree_util.keystr(path)
+        if is_indexer_path(path):
+            assert not np.any(np.asarray(g_lm)), name
+            assert np.any(np.asarray(g_kl)), name
+        else:
+            assert not np.any(np.asarray(g_kl)), name
+    assert sum(float(np.abs(np.asarray(g)).sum()) for p, g in flat_lm if not is_indexer_path(p)) > 0
+
+
+def test_the_report_two_stages_train_from_a_dense_model(tmp_path):
+    """The dense warm-up (configs/tiny_dsa.py's stage 1, on micro shapes) from a dense model's checkpoint:
+    every weight but the new indexers' stays bit for bit the dense model's and so does the validation loss;
+    then sparse training from the warm-up run: the model trains through the top-k mask, the KL is reported."""
+    index = dict(index_n_heads=2, index_head_dim=8, index_topk=4)
+    dense_config = micro_run_config(tmp_path)
+    dense_cfg = validate_run_config(dense_config)
+    dense = model.init(dense_cfg, jax.random.key(7))
+    convert.save_checkpoint(dense_cfg, dense, str(tmp_path / "dense"))
+
+    def run(name, **train):
+        c = micro_run_config(tmp_path, write_corpus=False, steps=2, warmup_steps=1, eval_every=10, **train)
+        c.model.update(**index)
+        train_and_evaluate(c, str(tmp_path / name))
+        return c, load_weights(str(tmp_path / name), validate_run_config(c), optimizer_cfg=c.train).variables
+
+    warm_config, warm = run("warmup", indexer_stage="dense_warmup", init_from=str(tmp_path / "dense"))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(warm)[0]:
+        if not is_indexer_path(path):
+            dense_leaf = dense
+            for key in path:
+                dense_leaf = dense_leaf[key.key]
+            np.testing.assert_array_equal(np.asarray(leaf), np.asarray(dense_leaf), err_msg=jax.tree_util.keystr(path))
+    fresh = model.init(validate_run_config(warm_config), jax.random.key(warm_config.seed))
+    moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for (p, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(warm["params"])[0], jax.tree.leaves(fresh["params"]))
+        if is_indexer_path(p) and "scale" not in jax.tree_util.keystr(p)]
+    assert moved and all(moved)  # Every indexer matrix learned (the KL reaches each layer's).
+    warm_rows = read_rows(tmp_path / "warmup")
+    assert warm_rows[0]["eval_loss"] == warm_rows[-1]["eval_loss"]  # Dense attention, frozen weights.
+    assert all(r["indexer_kl"] for r in warm_rows if r.get("loss"))
+
+    _, sparse = run("sparse", indexer_stage="sparse", init_from=str(tmp_path / "warmup"))
+    changed = [not np.array_equal(np.asarray(a), np.asarray(b)) for (p, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(sparse["params"])[0], jax.tree.leaves(warm["params"]))
+        if not is_indexer_path(p)]
+    assert all(changed)
+    sparse_rows = read_rows(tmp_path / "sparse")
+    assert all(float(r["indexer_kl"]) > 0 for r in sparse_rows if r.get("loss"))
+    assert sparse_rows[0]["eval_loss"] != warm_rows[-1]["eval_loss"]  # The top-4 mask changes the model.
+
+
+def test_indexer_stage_settings_are_checked(tmp_path):
+    from common import config
+
+    for stage in ("dense_warmup", "sparse"):  # The shipped two-stage config, both variants.
+        assert validate_run_config(config("tiny_dsa", f"stage={stage}")).sparse_attention
+    c = micro_run_config(tmp_path, indexer_stage="dense_warmup")
+    with pytest.raises(ValueError, match="train.indexer_stage.*lightning indexer"):
+        validate_run_config(c)  # A dense model has no indexer to train.
+    c.train.indexer_stage = "warmup"
+    with pytest.raises(ValueError, match="train.indexer_stage"):
+        validate_run_config(c)

@@ -101,7 +101,7 @@ def test_mla_matches_float64_reference(q_lora_rank, rope_scaling, query_chunk, m
     variables = nn.meta.unbox(module.init(jax.random.key(1), x, positions, segments))
     # Perturb the norms so that a mix-up of the two RMSNorm scales would show.
     variables = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), variables)
-    out, _ = module.apply(variables, x, positions, segments)  # No cache: no new entries.
+    out, _, _ = module.apply(variables, x, positions, segments)  # No cache: no entries, no indexer loss.
     ref = mla_reference(to_f64(variables["params"]), np.asarray(x, np.float64), positions, segments, cfg)
     valid = segments != 0
     np.testing.assert_allclose(np.asarray(out)[valid], ref[valid], atol=2e-5, rtol=1e-4)

@@ -21,7 +21,8 @@ from deepseek_jax.ops.recipe import Recipe
 class Block(nn.Module):
     """x [B, T, D] -> (x [B, T, D], (router stats, new cache entries)).
 
-    Router stats: a MoE layer's {'expert_counts' [E], 'balance_loss' [], 'dropped' []}, a dense layer's {}.
+    Router stats: a MoE layer's {'expert_counts' [E], 'balance_loss' [], 'dropped' []}, a dense layer's {};
+    while a sparse-attention model trains its indexer (cfg.indexer_loss), also 'indexer_kl' [] (model/mla.py).
     Given one layer's cache [B, S, *] and its lengths [B], attention runs over [cache ; x] and the new
     entries are LayerCache([B, T, C], [B, T, R]); otherwise None (model/mla.py).
     """
@@ -38,14 +39,16 @@ class Block(nn.Module):
                  ) -> tuple[jnp.ndarray, tuple[dict[str, jnp.ndarray], LayerCache | None]]:
         cfg = self.cfg
         attn_in = RMSNorm(cfg.rms_norm_eps, name="input_layernorm")(x_BTD)
-        attn, entries = MLA(cfg, recipe=self.recipe, cached_attention=self.cached_attention, name="self_attn")(
-            attn_in, positions_BT, segment_ids_BT, cache, lengths_B)
+        attn, entries, indexer_kl = MLA(cfg, recipe=self.recipe, cached_attention=self.cached_attention,
+                                        name="self_attn")(attn_in, positions_BT, segment_ids_BT, cache, lengths_B)
         h = x_BTD + attn
         ffn_in = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm")(h)
         if self.moe:
             y, stats = MoE(cfg, recipe=self.recipe, dispatch=self.dispatch, name="mlp")(ffn_in, segment_ids_BT != 0)
         else:
             y, stats = MLP(cfg, cfg.intermediate_size, recipe=self.recipe, name="mlp")(ffn_in), {}
+        if indexer_kl is not None:
+            stats = {**stats, "indexer_kl": indexer_kl}
         return (h + y).astype(x_BTD.dtype), (stats, entries)
 
 

@@ -25,7 +25,9 @@ ROPE_TYPES = ("yarn",)
 # Fields that choose how the model is computed or routed at run time, not which weights it has: a checkpoint
 # may be resumed or loaded with other values.
 RUNTIME_FIELDS = ("dtype", "moe_dispatch", "remat", "moe_capacity_factor", "node_groups", "node_limit",
-                  "scan_layers")
+                  "scan_layers", "indexer_loss")
+# How a sparse-attention model trains its lightning indexer (V3.2 report, section 2.1.1; model/indexer.py).
+INDEXER_LOSSES = ("off", "dense", "sparse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +76,8 @@ class ModelConfig:
     node_groups: int = 0  # Node-limited routing: the experts form this many contiguous device groups ...
     node_limit: int = 0  # ... and each token uses experts on at most this many of them (0 = no limit).
     remat: str = "none"  # Backward recomputation policy, see model/remat.py.
+    indexer_loss: str = "off"  # Sparse attention's indexer training: 'off'; 'dense' (warm-up: attention stays
+    # dense, the indexer learns its distribution by KL); 'sparse' (top-k attention, KL on the selected keys).
     scan_layers: bool = True  # Layers of a stack in one loop (compile time flat in depth); False unrolls it
     # (XLA's cost analysis then counts every layer: it counts a loop body once).
 
@@ -225,7 +229,12 @@ def _validate_sparse_attention(cfg: ModelConfig) -> None:
     for key, value in values.items():
         if not is_int(value) or value < 0:
             _fail(key, f"must be an integer >= 0, got {value!r}", "use 0 for dense attention (V3)")
+    if cfg.indexer_loss not in INDEXER_LOSSES:
+        _fail("indexer_loss", f"{cfg.indexer_loss!r} is not one of {INDEXER_LOSSES}", "use 'off', 'dense' or 'sparse'")
     if not any(values.values()):
+        if cfg.indexer_loss != "off":
+            _fail("indexer_loss", f"{cfg.indexer_loss!r} trains a lightning indexer this dense model does not have",
+                  "set index_n_heads, index_head_dim and index_topk, or indexer_loss='off'")
         return
     unset = [k for k, v in values.items() if not v]
     if unset:

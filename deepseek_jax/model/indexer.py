@@ -92,3 +92,20 @@ def top_k_mask(scores_BTS: jnp.ndarray, allowed_BTS: jnp.ndarray, k: int) -> jnp
     keys_BTK, valid_BTK = top_k_keys(scores_BTS, allowed_BTS, k)
     rows_B11, queries_1T1 = jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None]
     return jnp.zeros((B, T, S), bool).at[rows_B11, queries_1T1, keys_BTK].set(valid_BTK)
+
+
+def indexer_kl(attention_BTS: jnp.ndarray, scores_BTS: jnp.ndarray, keys_BTS: jnp.ndarray) -> jnp.ndarray:
+    """The indexer's training loss per query (V3.2 report, eq. 3 and 4): KL(p_t || softmax(I_t)) over the keys
+    `keys_BTS` marks for query t, float32 [B, T].
+
+    p_t is the main attention summed over its heads (`attention_BTS`, [B,T,S]) and L1-normalised over those
+    keys; it is the target, so no gradient reaches the main model through it. With every key the causal mask
+    allows this is the dense warm-up's loss, with each query's top-k keys the sparse stage's. A query without
+    keys (padding) gets 0.
+    """
+    target = jax.lax.stop_gradient(jnp.where(keys_BTS, attention_BTS.astype(jnp.float32), 0.0))
+    p = target / jnp.maximum(target.sum(axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    # A finite floor instead of -inf keeps a query without keys NaN-free, forward and backward.
+    log_q = jax.nn.log_softmax(jnp.where(keys_BTS, scores_BTS, jnp.finfo(jnp.float32).min), axis=-1)
+    log_p = jnp.log(jnp.where(p > 0, p, 1.0))
+    return jnp.sum(jnp.where(p > 0, p * (log_p - log_q), 0.0), axis=-1)

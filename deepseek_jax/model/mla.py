@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import chex
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.model import remat, rope
 from deepseek_jax.model.cache import LayerCache, past_mask
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.model.indexer import Indexer, index_scores, top_k_keys, top_k_mask
+from deepseek_jax.model.indexer import Indexer, index_scores, indexer_kl, top_k_keys, top_k_mask
 from deepseek_jax.model.layers import Linear, RMSNorm, compute_dtype
 from deepseek_jax.ops.recipe import Recipe
 
@@ -63,12 +64,23 @@ def attention_mask(segment_ids_BT: jnp.ndarray, segment_ids_BS: jnp.ndarray | No
     return (causal & same_doc & valid)[:, None, :, :]
 
 
+def attention_probs(q_BTHK: jnp.ndarray, k_BSHK: jnp.ndarray, mask_B1TS: jnp.ndarray) -> jnp.ndarray:
+    """softmax(q.k masked) for q already scaled: float32 [B,H,T,S]."""
+    scores = jnp.einsum("BTHK,BSHK->BHTS", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
+    return nn.softmax(jnp.where(mask_B1TS, scores, NEG_INF), axis=-1)
+
+
 def attention_core(q_BTHK: jnp.ndarray, k_BSHK: jnp.ndarray, v_BSHV: jnp.ndarray, mask_B1TS: jnp.ndarray
                    ) -> jnp.ndarray:
     """softmax(q.k masked) v for q already scaled; scores in float32. Returns [B,T,H,V] in v's dtype."""
-    scores = jnp.einsum("BTHK,BSHK->BHTS", q_BTHK, k_BSHK, preferred_element_type=jnp.float32)
-    probs = nn.softmax(jnp.where(mask_B1TS, scores, NEG_INF), axis=-1).astype(v_BSHV.dtype)
+    probs = attention_probs(q_BTHK, k_BSHK, mask_B1TS).astype(v_BSHV.dtype)
     return jnp.einsum("BHTS,BSHV->BTHV", probs, v_BSHV)
+
+
+def mean_over_real(per_query_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray) -> jnp.ndarray:
+    """The mean of a per-query value over the real (non-padding) queries: float32 scalar."""
+    real = (segment_ids_BT != 0).astype(jnp.float32)
+    return jnp.sum(per_query_BT * real) / jnp.maximum(real.sum(), 1.0)
 
 
 class MLA(nn.Module):
@@ -147,41 +159,56 @@ class MLA(nn.Module):
         return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
 
     def self_attend(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BTC: jnp.ndarray,
-                    k_rope_BTR: jnp.ndarray, segment_ids_BT: jnp.ndarray) -> jnp.ndarray:
+                    k_rope_BTR: jnp.ndarray, segment_ids_BT: jnp.ndarray, index: IndexerOutputs | None = None
+                    ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
         """`attend` over the sequence itself (causal, within documents), QUERY_CHUNK queries at a time,
         each chunk against the keys up to its last query only: the causal mask's upper triangle of
-        blocks is never computed (about half the scores at long T). Returns [B,T,D]."""
+        blocks is never computed (about half the scores at long T). Returns ([B,T,D], None), or with the
+        indexer's outputs (sparse attention's dense warm-up) the indexer's KL against this attention over
+        every allowed key as the second item."""
         q, k, v = self.joint_qkv(q_nope, q_rope, c_kv_BTC, k_rope_BTR)
         T = q.shape[1]
-        chunks = []
+        chunks, kl = [], []
         for start in range(0, T, QUERY_CHUNK):
             end = min(start + QUERY_CHUNK, T)
             mask = attention_mask(segment_ids_BT[:, start:end], segment_ids_BT[:, :end],
                                   jnp.arange(start, end)[None, :], jnp.arange(end)[None, :])
-            chunks.append(attention_core(q[:, start:end], k[:, :end], v[:, :end], mask))
+            if index is None:
+                chunks.append(attention_core(q[:, start:end], k[:, :end], v[:, :end], mask))
+                continue
+            probs = attention_probs(q[:, start:end], k[:, :end], mask)
+            chunks.append(jnp.einsum("BHTS,BSHV->BTHV", probs.astype(v.dtype), v[:, :end]))
+            scores = index_scores(index[0][:, start:end], index[1][:, start:end], index[2][:, :end])
+            kl.append(indexer_kl(probs.sum(axis=1), scores, mask[:, 0]))
         out_BTHV = checkpoint_name(jnp.concatenate(chunks, axis=1), remat.ATTENTION)
-        return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
+        out = self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
+        return out, (mean_over_real(jnp.concatenate(kl, axis=1), segment_ids_BT) if kl else None)
 
     def self_attend_sparse(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BTC: jnp.ndarray,
-                           k_rope_BTR: jnp.ndarray, segment_ids_BT: jnp.ndarray, index: IndexerOutputs
-                           ) -> jnp.ndarray:
+                           k_rope_BTR: jnp.ndarray, segment_ids_BT: jnp.ndarray, index: IndexerOutputs,
+                           with_kl: bool = False) -> tuple[jnp.ndarray, jnp.ndarray | None]:
         """Sparse attention over the sequence itself, QUERY_CHUNK queries at a time: the indexer scores each
         chunk's queries against the keys up to its last query, and each query attends to its top index_topk
         allowed keys only (`attend_selected`: MLA's shared-latent form, in which the V3.2 report builds DSA).
         Attention is O(T k) and no [T, T] score matrix exists per head; the indexer's own scores are
-        [chunk, T] per block. Returns [B,T,D]."""
+        [chunk, T] per block. Returns ([B,T,D], the indexer's KL against this attention over each query's
+        selected keys when `with_kl`, else None)."""
         T = q_nope.shape[1]
         q_index, weights, keys = index
-        chunks = []
+        chunks, kl = [], []
         for start in range(0, T, QUERY_CHUNK):
             end = min(start + QUERY_CHUNK, T)
             allowed = attention_mask(segment_ids_BT[:, start:end], segment_ids_BT[:, :end],
                                      jnp.arange(start, end)[None, :], jnp.arange(end)[None, :])[:, 0]
             scores = index_scores(q_index[:, start:end], weights[:, start:end], keys[:, :end])
             selected, valid = top_k_keys(scores, allowed, self.cfg.index_topk)
-            chunks.append(self.attend_selected(q_nope[:, start:end], q_rope[:, start:end], c_kv_BTC[:, :end],
-                                               k_rope_BTR[:, :end], selected, valid))
-        return jnp.concatenate(chunks, axis=1)
+            out, probs = self.attend_selected(q_nope[:, start:end], q_rope[:, start:end], c_kv_BTC[:, :end],
+                                              k_rope_BTR[:, :end], selected, valid)
+            chunks.append(out)
+            if with_kl:
+                kl.append(indexer_kl(probs.sum(axis=1), jnp.take_along_axis(scores, selected, axis=-1), valid))
+        return (jnp.concatenate(chunks, axis=1),
+                mean_over_real(jnp.concatenate(kl, axis=1), segment_ids_BT) if kl else None)
 
     def attend_absorbed(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BSC: jnp.ndarray,
                         k_rope_BSR: jnp.ndarray, mask_B1TS: jnp.ndarray) -> jnp.ndarray:
@@ -217,7 +244,7 @@ class MLA(nn.Module):
         """`attend_absorbed` over each query's own J selected keys (sparse attention, J = index_topk): their
         latents and rope keys are gathered per query ([B,T,J,C], [B,T,J,R]) and nothing else is read, so a
         decoded token's attention costs O(J) whatever the context. `valid` marks real keys among `keys`
-        (a query with fewer than J allowed keys). Returns [B,T,D]."""
+        (a query with fewer than J allowed keys). Returns ([B,T,D], the attention float32 [B,H,T,J])."""
         w_uk_CHK, w_uv_CHV = self.absorbed_weights(q_nope.dtype)
         rows_B11 = jnp.arange(c_kv_BSC.shape[0])[:, None, None]
         c_BTJC, r_BTJR = c_kv_BSC[rows_B11, keys_BTJ], k_rope_BSR[rows_B11, keys_BTJ]
@@ -225,37 +252,48 @@ class MLA(nn.Module):
         scores = (jnp.einsum("BTHC,BTJC->BHTJ", q_latent_BTHC, c_BTJC, preferred_element_type=jnp.float32)
                   + jnp.einsum("BTHR,BTJR->BHTJ", q_rope, r_BTJR, preferred_element_type=jnp.float32))
         scores = scores * rope.softmax_scale(self.cfg.qk_head_dim, self.cfg.rope_scaling)
-        probs = nn.softmax(jnp.where(valid_BTJ[:, None], scores, NEG_INF), axis=-1).astype(c_BTJC.dtype)
-        out_BTHC = jnp.einsum("BHTJ,BTJC->BTHC", probs, c_BTJC)
+        probs = nn.softmax(jnp.where(valid_BTJ[:, None], scores, NEG_INF), axis=-1)
+        out_BTHC = jnp.einsum("BHTJ,BTJC->BTHC", probs.astype(c_BTJC.dtype), c_BTJC)
         out_BTHV = jnp.einsum("BTHC,CHV->BTHV", out_BTHC, w_uv_CHV)
-        return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
+        return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1)), probs
 
     def __call__(self, x_BTD: jnp.ndarray, positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray,
                  cache: LayerCache | None = None, lengths_B: jnp.ndarray | None = None
-                 ) -> tuple[jnp.ndarray, LayerCache | None]:
+                 ) -> tuple[jnp.ndarray, LayerCache | None, jnp.ndarray | None]:
         """Self-attention within each document (segment ids), or, given one layer's cache [B, S, *] and
-        its valid lengths [B], the new tokens over [cache ; themselves] (positions = their slots)."""
+        its valid lengths [B], the new tokens over [cache ; themselves] (positions = their slots).
+
+        Returns (y [B,T,D], the new tokens' cache entries or None, the indexer's KL loss (a float32 scalar,
+        without a cache and with cfg.indexer_loss != 'off') or None). The indexer reads its inputs through
+        a stop-gradient: the language-model loss never trains it (top-k is not differentiable anyway), and
+        its own loss trains nothing else."""
         cfg = self.cfg
         cos, sin = rope.cos_sin(positions_BT, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
         q_nope, q_rope, q_latent = self.queries(x_BTD, cos, sin)
         c_kv, k_rope = self.latent_kv(x_BTD, cos, sin)
-        index = self.indexer(x_BTD, q_latent, cos, sin) if cfg.sparse_attention else None
+        index = None
+        if cfg.sparse_attention:
+            detached = jax.lax.stop_gradient
+            index = self.indexer(detached(x_BTD), detached(q_latent), cos, sin)
         if cache is None:
-            if index is not None:
-                return self.self_attend_sparse(q_nope, q_rope, c_kv, k_rope, segment_ids_BT, index), None
-            return self.self_attend(q_nope, q_rope, c_kv, k_rope, segment_ids_BT), None
+            if index is None or cfg.indexer_loss == "dense":  # Dense attention (V3, or DSA's warm-up).
+                out, kl = self.self_attend(q_nope, q_rope, c_kv, k_rope, segment_ids_BT, index)
+            else:
+                out, kl = self.self_attend_sparse(q_nope, q_rope, c_kv, k_rope, segment_ids_BT, index,
+                                                  with_kl=cfg.indexer_loss == "sparse")
+            return out, None, kl
         chex.assert_rank([cache.c_kv, cache.k_rope, lengths_B], [3, 3, 1])
         past = lambda cached, new: jnp.concatenate([cached.astype(new.dtype), new], axis=1)  # noqa: E731
         keys_c, keys_r = past(cache.c_kv, c_kv), past(cache.k_rope, k_rope)
         mask = past_mask(lengths_B, cache.c_kv.shape[1], x_BTD.shape[1])
         if index is None:
             attend = self.attend_absorbed if self.cached_attention == "absorbed" else self.attend
-            return attend(q_nope, q_rope, keys_c, keys_r, mask), LayerCache(c_kv, k_rope)
+            return attend(q_nope, q_rope, keys_c, keys_r, mask), LayerCache(c_kv, k_rope), None
         entries = LayerCache(c_kv, k_rope, index[2])
         index_keys = past(cache.index_k, index[2])
         scores = index_scores(index[0], index[1], index_keys)
         if self.cached_attention == "naive":  # The reference: every key scored, the unselected masked.
             mask = mask & top_k_mask(scores, mask[:, 0], self.cfg.index_topk)[:, None]
-            return self.attend(q_nope, q_rope, keys_c, keys_r, mask), entries
+            return self.attend(q_nope, q_rope, keys_c, keys_r, mask), entries, None
         selected, valid = top_k_keys(scores, mask[:, 0], self.cfg.index_topk)
-        return self.attend_selected(q_nope, q_rope, keys_c, keys_r, selected, valid), entries
+        return self.attend_selected(q_nope, q_rope, keys_c, keys_r, selected, valid)[0], entries, None

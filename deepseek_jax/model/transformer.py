@@ -15,7 +15,8 @@ these pieces and nothing else. Layers of one kind run under `nn.scan` (`layer_st
 Variables: {'params': ..., 'routing': {<stack or mtp_k>: ... e_score_correction_bias [L, E] or [E]}}, and
 the router statistics come back under the same names (model/names.py):
     {'moe_layers': {'expert_counts': [L, E], 'balance_loss': [L], 'dropped': [L]}, 'mtp_0': {...: [E]}, ...}
-(dense layers route nothing and report nothing).
+(dense layers route nothing and report nothing, but the lightning indexers' KL of sparse attention while
+it trains them: 'indexer_kl' [L] (or [] for an MTP block) beside the router statistics of every stack).
 """
 
 from __future__ import annotations
@@ -130,10 +131,10 @@ class DeepSeekV3(nn.Module):
         return x_BTD, ({name: stats} if stats else {}), cache
 
     def embed_and_dense(self, tokens_BT: jnp.ndarray, positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray,
-                        cache: KVCache | None = None) -> tuple[jnp.ndarray, KVCache | None]:
-        """Tokens [B, T] -> the dense stack's output [B, T, D] (and the cache)."""
-        x, _, cache = self.stack(DENSE, self.embed(tokens_BT), positions_BT, segment_ids_BT, cache)
-        return x, cache
+                        cache: KVCache | None = None) -> tuple[jnp.ndarray, dict, KVCache | None]:
+        """Tokens [B, T] -> (the dense stack's output [B, T, D], its stats: {} or, while a sparse-attention
+        model trains its indexers, {'dense_layers': {'indexer_kl': [L]}}, the cache)."""
+        return self.stack(DENSE, self.embed(tokens_BT), positions_BT, segment_ids_BT, cache)
 
     def moe(self, x_BTD: jnp.ndarray, positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray,
             cache: KVCache | None = None) -> tuple[jnp.ndarray, dict, KVCache | None]:
@@ -187,8 +188,8 @@ class DeepSeekV3(nn.Module):
         positions = default_positions(tokens_BT, cache) if positions_BT is None else positions_BT
         segments = jnp.ones_like(tokens_BT) if segment_ids_BT is None else segment_ids_BT
         chex.assert_equal_shape([tokens_BT, positions, segments])
-        x, cache = self.embed_and_dense(tokens_BT, positions, segments, cache)
+        x, dense_stats, cache = self.embed_and_dense(tokens_BT, positions, segments, cache)
         x, stats, cache = self.moe(x, positions, segments, cache)
         logits, mtp_logits, h, mtp_stats, cache = self.output_heads(x, tokens_BT, positions, segments, run_mtp,
                                                                     cache)
-        return ModelOutput(logits, mtp_logits, {**stats, **mtp_stats}, h, cache)
+        return ModelOutput(logits, mtp_logits, {**dense_stats, **stats, **mtp_stats}, h, cache)

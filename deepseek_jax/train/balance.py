@@ -37,11 +37,12 @@ def max_violation(counts_LE: jnp.ndarray) -> jnp.ndarray:
 def moe_stats(router_stats: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(MaxVio of every MoE layer [n], balance loss of every MoE layer [n]), in layer order, MTP last.
 
-    Every entry of the router stats is a MoE stack or MTP block (model/transformer.py); dense layers
-    report nothing.
+    The entries with expert counts are the MoE stacks and MTP blocks (model/transformer.py); a dense stack
+    reports at most its indexers' loss (sparse attention).
     """
-    if not router_stats:
+    moe = [n for n in router_stats if "expert_counts" in router_stats[n]]
+    if not moe:
         return jnp.zeros((0,)), jnp.zeros((0,))
-    vio = [jnp.atleast_1d(max_violation(_counts_for(router_stats, n))) for n in router_stats]
-    loss = [jnp.atleast_1d(router_stats[n]["balance_loss"]) for n in router_stats]
+    vio = [jnp.atleast_1d(max_violation(_counts_for(router_stats, n))) for n in moe]
+    loss = [jnp.atleast_1d(router_stats[n]["balance_loss"]) for n in moe]
     return jnp.concatenate(vio), jnp.concatenate(loss)

@@ -17,6 +17,7 @@ unless the run names them in `checkpoint.allow_changes`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -234,7 +235,8 @@ def _cause(error: BaseException) -> str:
 OPTIMIZER_FIELDS = ("train.learning_rate", "train.warmup_steps", "train.decay_start", "train.final_lr_fraction",
                     "train.b1", "train.b2", "train.eps", "train.weight_decay", "train.clip_norm", "train.moment_dtype")
 RESUME_FIELDS = ("data.source", "data.path", "data.text_field", "data.tokenizer", "data.seq_len", "data.batch_size",
-                 "data.seed", "data.shuffle_rows", "data.num_epochs", "data.num_workers", *OPTIMIZER_FIELDS)
+                 "data.seed", "data.shuffle_rows", "data.num_epochs", "data.num_workers", *OPTIMIZER_FIELDS,
+                 "train.indexer_stage")
 
 
 def resume_fields(config: ml_collections.ConfigDict, names: Collection[str] = RESUME_FIELDS) -> dict:
@@ -274,6 +276,9 @@ def check_resume_fields(saved: dict, current: dict, allow_changes: Collection[st
 def check_model_config(saved: dict, current: ModelConfig, where: str) -> None:
     """Raises CheckpointError listing every model field that differs from the saved one."""
     now = current.to_dict()
+    # A field added to ModelConfig after the save (e.g. V3.2's index_topk) had its default value then.
+    saved = {**{f.name: f.default for f in dataclasses.fields(ModelConfig) if f.default is not dataclasses.MISSING},
+             **saved}
     diffs = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
              if k not in RUNTIME_FIELDS and saved.get(k) != now.get(k)}
     if diffs:

@@ -119,6 +119,13 @@ def num_balanced_layers(cfg: ModelConfig) -> int:
     return cfg.num_moe_layers + (cfg.num_nextn_predict_layers if cfg.mtp_uses_moe else 0)
 
 
+def indexer_loss(router_stats: dict) -> jnp.ndarray | None:
+    """The mean over layers of the lightning indexers' KL (sparse attention's indexer training,
+    model/indexer.py), or None when no layer reports one."""
+    kl = [jnp.atleast_1d(s["indexer_kl"]) for s in router_stats.values() if "indexer_kl" in s]
+    return jnp.concatenate(kl).mean() if kl else None
+
+
 def step_metrics(terms: LossTerms, router_stats: dict, loss: jnp.ndarray,
                  cfg: ModelConfig) -> dict[str, jnp.ndarray]:
     """What a training step reports: the losses, tokens scored, balance loss and MaxVio (mean and per
@@ -129,6 +136,9 @@ def step_metrics(terms: LossTerms, router_stats: dict, loss: jnp.ndarray,
     max_vio, balance_losses = balance.moe_stats(router_stats)
     if balance_losses.size:
         metrics.update(balance_loss=balance_losses.mean(), max_vio=max_vio.mean(), max_vio_per_layer=max_vio)
+    indexer_kl = indexer_loss(router_stats)
+    if indexer_kl is not None:
+        metrics["indexer_kl"] = indexer_kl
     if cfg.moe_capacity_factor:
         metrics["dropped_pairs"] = sum(s["dropped"].sum() for s in router_stats.values() if "dropped" in s)
     metrics["loss"] = loss

@@ -30,7 +30,7 @@ from deepseek_jax.train.ema import HostEMA
 from deepseek_jax.train.evaluation import evaluate
 from deepseek_jax.train.loop import RunLoop, make_workdir, save_config, write_json
 from deepseek_jax.train.metrics import plot_losses
-from deepseek_jax.train.optimizer import make_optimizer
+from deepseek_jax.train.optimizer import INDEXER_STAGES, make_optimizer, trains_indexer_only
 from deepseek_jax.train.pipelined import make_pipelined_step
 from deepseek_jax.train.precision import recipe_for
 from deepseek_jax.train.sample import sample_text
@@ -88,15 +88,34 @@ class Placement:
         return jax.device_put(tree, jax.local_devices()[0])
 
 
+def _leaf_at(tree: dict, path: tuple, default):
+    """tree's leaf at a key path, or `default` where the path does not exist in `tree`."""
+    for key in path:
+        if key.key not in tree:
+            return default
+        tree = tree[key.key]
+    return tree
+
+
 def start_from(state: step_lib.TrainState, config: ml_collections.ConfigDict, cfg: ModelConfig, tx,
                devices: Placement) -> step_lib.TrainState:
     """The state with the weights (and balancing biases) at `train.init_from`, a fresh optimizer state,
-    laid out like `state`."""
-    weights = load_weights(config.train.init_from, cfg, optimizer_cfg=config.train, mesh=devices.mesh,
+    laid out like `state`.
+
+    Sparse attention's dense warm-up starts from a dense model (V3.2 continues V3.1's training): the weights
+    are read as that model's, and the lightning indexers keep their fresh initialisation."""
+    source_cfg = cfg
+    if trains_indexer_only(config.train):
+        source_cfg = cfg.replace(index_n_heads=0, index_head_dim=0, index_topk=0, indexer_loss="off")
+    weights = load_weights(config.train.init_from, source_cfg, optimizer_cfg=config.train, mesh=devices.mesh,
                            rules=devices.rules, field="config.train.init_from")
-    print(f"Starting from {weights.source}.")
+    print(f"Starting from {weights.source}" + (" (new lightning indexers)." if source_cfg is not cfg else "."))
     shardings = devices.state_shardings
-    params = jax.device_put(weights.variables["params"], shardings.params)
+    loaded = weights.variables["params"]
+    if source_cfg is not cfg:  # Every leaf from the dense model, the indexers' from `state`.
+        loaded = jax.tree_util.tree_map_with_path(
+            lambda path, fresh: _leaf_at(loaded, path, fresh), state.params)
+    params = jax.device_put(loaded, shardings.params)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
     return state.replace(params=params, opt_state=opt_state,
                          routing=jax.device_put(weights.variables["routing"], shardings.routing))
@@ -109,6 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     the metrics, plots, config and summary, and all of them write their shards of each checkpoint.
     """
     cfg = dispatch.training_model_config(config, validate_run_config(config))
+    cfg = cfg.replace(indexer_loss=INDEXER_STAGES[config.train.get("indexer_stage", "")])
     t = config.train
     lead = jax.process_index() == 0
     make_workdir(workdir)

@@ -4,6 +4,7 @@ Legend: B batch, T time.
 
     loss = CE(main) + lambda(step) * mean_k CE(MTP_k) + alpha * mean over MoE layers of the
            sequence-wise balance loss                                        (train/losses.py)
+           [+ w * mean over layers of the lightning indexer's KL, for sparse attention (V3.2)]
 
 A step whose loss or gradient norm is not finite changes nothing (params, optimizer state, biases),
 is counted in `bad_steps`, and the run loop stops after `max_bad_steps` in a row.
@@ -24,6 +25,7 @@ from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.ops.recipe import Recipe
 from deepseek_jax.parallel import dispatch
 from deepseek_jax.train import balance, losses
+from deepseek_jax.train.optimizer import frozen_outside_indexer, trains_indexer_only
 
 Batch = dict[str, jnp.ndarray]  # tokens, segment_ids, positions: int32 [B, T]
 
@@ -65,6 +67,9 @@ def loss_and_metrics(params, routing, batch: Batch, step: jnp.ndarray, cfg: Mode
     _, balance_losses = balance.moe_stats(out.router_stats)
     if balance_losses.size:
         total = total + losses.balance_term(balance_losses, train_cfg.balance_alpha)
+    indexer_kl = losses.indexer_loss(out.router_stats)
+    if indexer_kl is not None:
+        total = total + train_cfg.get("indexer_loss_weight", 1.0) * indexer_kl
     return total, (losses.step_metrics(terms, out.router_stats, total, cfg), out.router_stats)
 
 
@@ -74,6 +79,7 @@ def train_step(state: TrainState, batch: Batch, *, cfg: ModelConfig, train_cfg: 
     grad_fn = jax.grad(loss_and_metrics, has_aux=True)
     grads, (metrics, router_stats) = grad_fn(state.params, state.routing, batch, state.step, cfg, train_cfg,
                                              recipe)
+    grads = frozen_outside_indexer(grads, train_cfg)
     return apply_update(state, grads, metrics, router_stats, train_cfg, tx)
 
 
@@ -86,7 +92,9 @@ def apply_update(state: TrainState, grads, metrics: dict, router_stats: dict,
     finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    routing = balance.update_biases(state.routing, router_stats, train_cfg.bias_update_speed)
+    # The dense warm-up freezes the model, its balancing biases included.
+    gamma = 0.0 if trains_indexer_only(train_cfg) else train_cfg.bias_update_speed
+    routing = balance.update_biases(state.routing, router_stats, gamma)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     bad = jnp.where(finite, 0, state.bad_steps + 1)
     new_state = TrainState(

@@ -12,6 +12,7 @@ from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel.pipeline.schedules import SCHEDULES
 from deepseek_jax.train.checkpoint import parse_allow_changes
+from deepseek_jax.train.optimizer import INDEXER_STAGES
 from deepseek_jax.train.precision import recipe_for
 
 
@@ -27,6 +28,10 @@ def validate_train_config(t: ml_collections.ConfigDict) -> None:
     need(t.clip_norm > 0, "train.clip_norm", t.clip_norm, "use a positive global-norm bound.")
     need(t.moment_dtype in ("", "float32", "bfloat16"), "train.moment_dtype", t.moment_dtype,
          "use '', 'float32' or 'bfloat16'.")
+    need(t.get("indexer_stage", "") in INDEXER_STAGES, "train.indexer_stage", t.get("indexer_stage"),
+         f"use one of {sorted(INDEXER_STAGES)}.")
+    need(t.get("indexer_loss_weight", 1.0) >= 0, "train.indexer_loss_weight", t.get("indexer_loss_weight"),
+         "use a weight >= 0.")
     for name in ("mtp_lambda", "mtp_lambda_late", "balance_alpha", "bias_update_speed"):
         need(t[name] >= 0, f"train.{name}", t[name], "use a non-negative weight (0 disables it).")
     need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "use a decay in (0, 1), or 0 to disable.")
@@ -95,6 +100,11 @@ def validate_run_config(config: ml_collections.ConfigDict) -> ModelConfig:
         parse_allow_changes(c.allow_changes)
     if "parallel" in config:
         validate_parallel_config(config, cfg)
+    stage = config.train.get("indexer_stage", "")
+    need(not stage or cfg.sparse_attention, "train.indexer_stage", stage,
+         "it trains a lightning indexer: give the model index_n_heads, index_head_dim and index_topk, or use ''.")
+    need(not stage or "parallel" not in config or config.parallel.stage == 1, "train.indexer_stage", stage,
+         "the pipelined step does not carry the indexer's loss yet: train the indexer with parallel.stage=1.")
     recipe_for(config)  # Builds the FP8 recipe if enabled: a bad recipe name or dtype fails here.
     if config.data.tokenizer == "byte" and cfg.vocab_size < 258:
         raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is too small for the byte tokenizer "

@@ -12,8 +12,13 @@
    `convert.save_checkpoint`) at 256, 1024 and 4096, timed from the filled cache as ours is.
 3. MTP self-speculative decoding with the trained tiny model (`make train` -> runs/tiny): acceptance rate
    of the drafted token and end-to-end tokens/s against plain greedy decoding, on held-out prompts.
+4. DeepSeek Sparse Attention (V3.2): configs/small.py with a lightning indexer (4 heads of 64) attending to
+   its top 256 keys, decode tokens/s at 1k-16k tokens of context against the same model's dense absorbed MLA
+   (the weights without the indexer), the cache bytes per token (latent + rope key + indexer key), and the
+   compiled forward's temporary memory at 8,192 tokens (`compiled.memory_analysis()`), sparse vs dense.
 
-Writes experiments/results/bench_infer.json and bench_infer.png.
+Writes experiments/results/bench_infer.json and bench_infer.png; `--sections=sparse` (say) runs only the
+sections named and updates those entries of the JSON.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepseek_jax import convert, defaults, infer
+from deepseek_jax import convert, defaults, infer, model
 from deepseek_jax.data import pipeline, tokenizers
 from deepseek_jax.infer import generation
 from deepseek_jax.infer.sampling import Sampling
@@ -109,10 +114,9 @@ def kv_cache_sizes() -> dict:
 def state_at_context(cfg: ModelConfig, s: Settings, context: int) -> DecodeState:
     """A batch-1 decode state whose cache holds `context` (random) tokens: what a decode step sees then."""
     cache = infer.init_cache(cfg, 1, s.cache_size)
-    keys = iter(jax.random.split(jax.random.key(0), 2 * len(cache.layers)))
-    layers = {name: infer.LayerCache(jax.random.normal(next(keys), c.c_kv.shape, c.c_kv.dtype),
-                                     jax.random.normal(next(keys), c.k_rope.shape, c.k_rope.dtype))
-              for name, c in cache.layers.items()}
+    leaves, tree = jax.tree.flatten(cache.layers)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    layers = jax.tree.unflatten(tree, [jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
     one, zero = (lambda: jnp.ones((1,), jnp.int32)), (lambda: jnp.zeros((1,), jnp.int32))  # Distinct buffers:
     return DecodeState(                                                                     # the step donates.
         cache=infer.KVCache(layers, jnp.full((1,), context, jnp.int32)),
@@ -156,6 +160,21 @@ def transformers_decode_speed(cfg: ModelConfig, variables: dict, contexts: list[
             "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__}
 
 
+def decode_tokens_per_second(cfg: ModelConfig, variables: dict, context: int, steps: int,
+                             attention: str = "absorbed") -> float:
+    """The decode loop of `generate` (one program) for `steps` tokens from a cache at `context`, batch 1:
+    best of 2 after a warm-up."""
+    s = Settings(max_new_tokens=steps + 1, cache_size=context + steps + 1, attention=attention)
+    jax.block_until_ready(generation.finish_jit(cfg, s, variables, state_at_context(cfg, s, context)))
+    times = []
+    for _ in range(2):
+        state = jax.block_until_ready(state_at_context(cfg, s, context))
+        started = time.perf_counter()
+        jax.block_until_ready(generation.finish_jit(cfg, s, variables, state))
+        times.append((time.perf_counter() - started) / steps)
+    return 1.0 / min(times)
+
+
 def decode_speed(contexts: list[int], steps: int) -> dict:
     cfg = load_model_config("small", max_position_embeddings=max(contexts) + steps + 2)
     variables = model_init(cfg, jax.random.key(0))
@@ -163,16 +182,7 @@ def decode_speed(contexts: list[int], steps: int) -> dict:
     for context in contexts:
         row = {"context": context}
         for attention in ("absorbed", "naive"):
-            # The decode loop of `generate` (one program) for `steps` tokens, from a cache at `context`.
-            s = Settings(max_new_tokens=steps + 1, cache_size=context + steps + 1, attention=attention)
-            jax.block_until_ready(generation.finish_jit(cfg, s, variables, state_at_context(cfg, s, context)))
-            times = []
-            for _ in range(2):
-                state = jax.block_until_ready(state_at_context(cfg, s, context))
-                started = time.perf_counter()
-                jax.block_until_ready(generation.finish_jit(cfg, s, variables, state))
-                times.append((time.perf_counter() - started) / steps)
-            row[f"{attention}_tokens_per_second"] = 1.0 / min(times)
+            row[f"{attention}_tokens_per_second"] = decode_tokens_per_second(cfg, variables, context, steps, attention)
         row["absorbed_speedup"] = row["absorbed_tokens_per_second"] / row["naive_tokens_per_second"]
         print(f"context {context:5d}: absorbed {row['absorbed_tokens_per_second']:7.1f} tok/s, naive "
               f"{row['naive_tokens_per_second']:7.1f} tok/s ({row['absorbed_speedup']:.2f}x)", flush=True)
@@ -188,6 +198,49 @@ def decode_speed(contexts: list[int], steps: int) -> dict:
                   f"tok/s (absorbed MLA {row['absorbed_vs_transformers']:.2f}x)", flush=True)
     return {"config": "configs/small.py", "batch": 1, "timed_steps": steps, "rows": rows,
             "transformers": {k: v for k, v in reference.items() if k != "tokens_per_second"}}
+
+
+SPARSE = dict(index_n_heads=4, index_head_dim=64, index_topk=256)  # DSA on configs/small.py (section 4).
+
+
+def without_indexer(cfg: ModelConfig, variables: dict) -> tuple[ModelConfig, dict]:
+    """The same model with dense attention (V3): the config without the indexer, the variables without its
+    leaves."""
+    def drop(tree):
+        return {k: drop(v) for k, v in tree.items() if k != "indexer"} if isinstance(tree, dict) else tree
+
+    return cfg.replace(index_n_heads=0, index_head_dim=0, index_topk=0), drop(variables)
+
+
+def forward_temp_bytes(cfg: ModelConfig, variables: dict, length: int) -> int:
+    """Temporary bytes of the compiled forward (main logits, batch 1) at `length` tokens."""
+    tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    compiled = jax.jit(lambda v, t: model.apply(cfg, v, t, run_mtp=False).logits).lower(variables, tokens).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def sparse_attention(contexts: list[int], steps: int, memory_length: int) -> dict:
+    cfg = load_model_config("small", max_position_embeddings=max(contexts + [memory_length]) + steps + 2,
+                            **SPARSE)
+    variables = model_init(cfg, jax.random.key(0))
+    dense_cfg, dense_variables = without_indexer(cfg, variables)
+    rows = []
+    for context in contexts:
+        row = {"context": context,
+               "sparse_tokens_per_second": decode_tokens_per_second(cfg, variables, context, steps),
+               "dense_tokens_per_second": decode_tokens_per_second(dense_cfg, dense_variables, context, steps)}
+        row["sparse_speedup"] = row["sparse_tokens_per_second"] / row["dense_tokens_per_second"]
+        print(f"context {context:5d}: DSA (top {cfg.index_topk}) {row['sparse_tokens_per_second']:7.1f} tok/s, dense "
+              f"{row['dense_tokens_per_second']:7.1f} tok/s ({row['sparse_speedup']:.2f}x)", flush=True)
+        rows.append(row)
+    memory = {"tokens": memory_length, "sparse_temp_bytes": forward_temp_bytes(cfg, variables, memory_length),
+              "dense_temp_bytes": forward_temp_bytes(dense_cfg, dense_variables, memory_length)}
+    print(f"forward at {memory_length} tokens: temporaries {memory['sparse_temp_bytes'] / 2**20:.1f} MiB sparse, "
+          f"{memory['dense_temp_bytes'] / 2**20:.1f} MiB dense", flush=True)
+    bytes_per_token = {name: infer.bytes_per_token(infer.cache_shapes(c, 1, 1))
+                       for name, c in (("sparse", cfg), ("dense", dense_cfg))}
+    return {"config": "configs/small.py", **SPARSE, "batch": 1, "timed_steps": steps, "rows": rows,
+            "forward_memory": memory, "cache_bytes_per_token": bytes_per_token}
 
 
 def held_out_prompts(config, count: int, length: int) -> np.ndarray:
@@ -273,33 +326,54 @@ def plot(result: dict, path: pathlib.Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+SECTIONS = ("cache", "decode", "speculative", "sparse")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/tiny", help="A run of configs/tiny.py (make train).")
     parser.add_argument("--quick", action="store_true", help="Fewer contexts and tokens (a smoke run).")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="Comma-separated sections to run (the others keep their entries of the JSON).")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    unknown = sections - set(SECTIONS)
+    if unknown:
+        parser.error(f"--sections: unknown {sorted(unknown)}; choose from {SECTIONS}.")
     contexts = [256, 1024] if args.quick else [256, 512, 1024, 2048, 4096, 8192]
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                          "devices": [str(d) for d in jax.devices()], "load_average_before": os.getloadavg()}}
-    result["kv_cache"] = kv_cache_sizes()
-    for name in ("deepseek_v2_lite", "deepseek_v2", "deepseek_v3"):
-        r = result["kv_cache"][name]
-        print(f"{name}: MLA {r['mla_bytes_per_token']:,} B/token vs MHA {r['mha_same_heads_bytes_per_token']:,} "
-              f"({r['reduction_vs_mha_same_heads']:.1%} less), GQA-8 {r['gqa8_dh128_bytes_per_token']:,} "
-              f"({r['reduction_vs_gqa8_dh128']:.1%} less)", flush=True)
-    result["decode_speed"] = decode_speed(contexts, steps=4 if args.quick else 8)
-    result["speculative"] = speculative_decoding(args.workdir, prompts=8, prompt_length=64,
-                                                 new_tokens=32 if args.quick else 128)
+    path = RESULTS / "bench_infer.json"
+    result = json.loads(path.read_text()) if path.is_file() and sections != set(SECTIONS) else {}
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
+               "devices": [str(d) for d in jax.devices()]}
+    if "cache" in sections:
+        result["kv_cache"] = kv_cache_sizes()
+        for name in ("deepseek_v2_lite", "deepseek_v2", "deepseek_v3"):
+            r = result["kv_cache"][name]
+            print(f"{name}: MLA {r['mla_bytes_per_token']:,} B/token vs MHA {r['mha_same_heads_bytes_per_token']:,} "
+                  f"({r['reduction_vs_mha_same_heads']:.1%} less), GQA-8 {r['gqa8_dh128_bytes_per_token']:,} "
+                  f"({r['reduction_vs_gqa8_dh128']:.1%} less)", flush=True)
+    timed = {"decode": ("decode_speed", lambda: decode_speed(contexts, steps=4 if args.quick else 8)),
+             "speculative": ("speculative", lambda: speculative_decoding(
+                 args.workdir, prompts=8, prompt_length=64, new_tokens=32 if args.quick else 128)),
+             "sparse": ("sparse_attention", lambda: sparse_attention(
+                 [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384], steps=4 if args.quick else 8,
+                 memory_length=2048 if args.quick else 8192))}
+    for section, (key, run) in timed.items():
+        if section in sections:
+            before = os.getloadavg()
+            result[key] = run()
+            result[key]["machine"] = {**machine, "load_average_before": before, "load_average_after": os.getloadavg()}
     result["notes"] = (
         "CPU, float32. Decode speed: batch 1, the while-loop program of generate; the cache holds `context` "
         "tokens. Speculative: greedy, outputs asserted identical to plain decoding; tokens_per_forward_pass "
-        "is the speedup a memory-bound accelerator would see (verifying 2 tokens costs about 1 pass there); "
-        "on this CPU the extra MTP pass and the bookkeeping cost more than the saved passes.")
-    result["machine"]["load_average_after"] = os.getloadavg()
+        "is the speedup a memory-bound accelerator would see (verifying 2 tokens costs about 1 pass there). "
+        "Sparse attention: random weights (speed and memory do not depend on them); each section records the "
+        "machine and its load averages.")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_infer.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / "bench_infer.png")
-    print(f"Wrote {RESULTS / 'bench_infer.json'} and bench_infer.png.")
+    path.write_text(json.dumps(result, indent=2))
+    if "decode_speed" in result:
+        plot(result, RESULTS / "bench_infer.png")
+    print(f"Wrote {path} and bench_infer.png.")
 
 
 if __name__ == "__main__":

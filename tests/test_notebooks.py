@@ -21,7 +21,8 @@ FAST = ('import os, tempfile\n'
 # Per-notebook overrides appended to the cell tagged "parameters".
 SHRINK = {
     "01_quickstart.ipynb": "STEPS = 6\nPLOT_EVERY = 3\nSAMPLE_TOKENS = 8",
-    "02_mla.ipynb": FAST + "PARITY_TOKENS = 8\nSPEED_CONFIG = 'tiny'\nCONTEXTS = (32,)\nNEW_TOKENS = 4",
+    "02_mla.ipynb": FAST + "PARITY_TOKENS = 8\nSPEED_CONFIG = 'tiny'\nCONTEXTS = (32,)\nNEW_TOKENS = 4\n"
+                    "DSA_TOKENS = 16",
     "03_moe_balancing.ipynb": FAST + "STEPS = 4\nBATCH_SIZE = 2\nSEQ_LEN = 32\nPROBE_EVERY = 2",
     "04_mtp.ipynb": FAST + "STEPS = 4\nBATCH_SIZE = 2\nSEQ_LEN = 32\nPLOT_EVERY = 2\nPROBE_EVERY = 4\nPROMPTS = 2\n"
                     "PROMPT_LEN = 8\nNEW_TOKENS = 6",

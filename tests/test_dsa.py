@@ -225,8 +225,10 @@ def test_the_report_two_stages_train_from_a_dense_model(tmp_path):
     """The dense warm-up (configs/tiny_dsa.py's stage 1, on micro shapes) from a dense model's checkpoint:
     every weight but the new indexers' stays bit for bit the dense model's and so does the validation loss;
     then sparse training from the warm-up run: the model trains through the top-k mask, the KL is reported."""
-    index = dict(index_n_heads=2, index_head_dim=8, index_topk=4)
+    shape = dict(num_nextn_predict_layers=0, first_k_dense_replace=0)  # One kind of layer: fewer programs.
+    index = dict(index_n_heads=2, index_head_dim=8, index_topk=4, **shape)
     dense_config = micro_run_config(tmp_path)
+    dense_config.model.update(**shape)
     dense_cfg = validate_run_config(dense_config)
     dense = model.init(dense_cfg, jax.random.key(7))
     convert.save_checkpoint(dense_cfg, dense, str(tmp_path / "dense"))

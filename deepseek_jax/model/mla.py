@@ -77,6 +77,21 @@ def attention_core(q_BTHK: jnp.ndarray, k_BSHK: jnp.ndarray, v_BSHV: jnp.ndarray
     return jnp.einsum("BHTS,BSHV->BTHV", probs, v_BSHV)
 
 
+def attend_gathered(q_latent_BTHC: jnp.ndarray, q_rope_BTHR: jnp.ndarray, c_kv_BSC: jnp.ndarray,
+                    k_rope_BSR: jnp.ndarray, keys_BTJ: jnp.ndarray, valid_BTJ: jnp.ndarray, scale: float
+                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Absorbed-form attention of each query over its own J keys (sparse attention): their latents and rope
+    keys are gathered per query ([B,T,J,C], [B,T,J,R]) and nothing else is read. q_latent is q_nope W_UK;
+    `valid` marks real keys among `keys`. Returns (the attended latent [B,T,H,C], the attention float32
+    [B,H,T,J])."""
+    rows_B11 = jnp.arange(c_kv_BSC.shape[0])[:, None, None]
+    c_BTJC, r_BTJR = c_kv_BSC[rows_B11, keys_BTJ], k_rope_BSR[rows_B11, keys_BTJ]
+    scores = (jnp.einsum("BTHC,BTJC->BHTJ", q_latent_BTHC, c_BTJC, preferred_element_type=jnp.float32)
+              + jnp.einsum("BTHR,BTJR->BHTJ", q_rope_BTHR, r_BTJR, preferred_element_type=jnp.float32)) * scale
+    probs = nn.softmax(jnp.where(valid_BTJ[:, None], scores, NEG_INF), axis=-1)
+    return jnp.einsum("BHTJ,BTJC->BTHC", probs.astype(c_BTJC.dtype), c_BTJC), probs
+
+
 def mean_over_real(per_query_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray) -> jnp.ndarray:
     """The mean of a per-query value over the real (non-padding) queries: float32 scalar."""
     real = (segment_ids_BT != 0).astype(jnp.float32)
@@ -187,28 +202,45 @@ class MLA(nn.Module):
     def self_attend_sparse(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BTC: jnp.ndarray,
                            k_rope_BTR: jnp.ndarray, segment_ids_BT: jnp.ndarray, index: IndexerOutputs,
                            with_kl: bool = False) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-        """Sparse attention over the sequence itself, QUERY_CHUNK queries at a time: the indexer scores each
-        chunk's queries against the keys up to its last query, and each query attends to its top index_topk
-        allowed keys only (`attend_selected`: MLA's shared-latent form, in which the V3.2 report builds DSA).
-        Attention is O(T k) and no [T, T] score matrix exists per head; the indexer's own scores are
-        [chunk, T] per block. Returns ([B,T,D], the indexer's KL against this attention over each query's
-        selected keys when `with_kl`, else None)."""
-        T = q_nope.shape[1]
+        """Sparse attention over the sequence itself, a block of QUERY_CHUNK queries at a time (`lax.map`, so
+        one block's temporaries are alive at once): the indexer scores the block's queries against every
+        key, and each query attends to its top index_topk allowed keys only (`attend_gathered`: MLA's
+        shared-latent form, in which the V3.2 report builds DSA). Attention is O(T k); no [T, T] score matrix
+        exists per head, and the indexer's scores exist for one block, [B, QUERY_CHUNK, T]. Returns ([B,T,D],
+        the indexer's KL against this attention over each query's selected keys when `with_kl`, else None)."""
+        cfg = self.cfg
+        B, T = q_nope.shape[:2]
+        block = min(QUERY_CHUNK, T)
         q_index, weights, keys = index
-        chunks, kl = [], []
-        for start in range(0, T, QUERY_CHUNK):
-            end = min(start + QUERY_CHUNK, T)
-            allowed = attention_mask(segment_ids_BT[:, start:end], segment_ids_BT[:, :end],
-                                     jnp.arange(start, end)[None, :], jnp.arange(end)[None, :])[:, 0]
-            scores = index_scores(q_index[:, start:end], weights[:, start:end], keys[:, :end])
-            selected, valid = top_k_keys(scores, allowed, self.cfg.index_topk)
-            out, probs = self.attend_selected(q_nope[:, start:end], q_rope[:, start:end], c_kv_BTC[:, :end],
-                                              k_rope_BTR[:, :end], selected, valid)
-            chunks.append(out)
-            if with_kl:
-                kl.append(indexer_kl(probs.sum(axis=1), jnp.take_along_axis(scores, selected, axis=-1), valid))
-        return (jnp.concatenate(chunks, axis=1),
-                mean_over_real(jnp.concatenate(kl, axis=1), segment_ids_BT) if kl else None)
+        w_uk_CHK, w_uv_CHV = self.absorbed_weights(q_nope.dtype)
+        q_latent = jnp.einsum("BTHK,CHK->BTHC", q_nope, w_uk_CHK)
+        scale = rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
+        key_positions = jnp.arange(T)[None, :]
+
+        def attend_block(start: jnp.ndarray, size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+            take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)  # noqa: E731
+            allowed = attention_mask(take(segment_ids_BT), segment_ids_BT, start + jnp.arange(size)[None, :],
+                                     key_positions)[:, 0]
+            scores = index_scores(take(q_index), take(weights), keys)
+            selected, valid = top_k_keys(scores, allowed, cfg.index_topk)
+            out, probs = attend_gathered(take(q_latent), take(q_rope), c_kv_BTC, k_rope_BTR, selected, valid, scale)
+            kl = (indexer_kl(probs.sum(axis=1), jnp.take_along_axis(scores, selected, axis=-1), valid) if with_kl
+                  else jnp.zeros((B, size), jnp.float32))
+            return out, kl
+
+        whole = T // block * block
+        if whole == T == block:
+            out_BTHC, kl_BT = attend_block(jnp.asarray(0), T)
+        else:
+            outs, kls = jax.lax.map(lambda start: attend_block(start, block), jnp.arange(0, whole, block))
+            out_BTHC = jnp.moveaxis(outs, 0, 1).reshape(B, whole, *outs.shape[3:])
+            kl_BT = jnp.moveaxis(kls, 0, 1).reshape(B, whole)
+        if whole < T:  # A last, shorter block.
+            out, kl = attend_block(jnp.asarray(whole), T - whole)
+            out_BTHC, kl_BT = jnp.concatenate([out_BTHC, out], axis=1), jnp.concatenate([kl_BT, kl], axis=1)
+        out_BTHV = jnp.einsum("BTHC,CHV->BTHV", out_BTHC, w_uv_CHV)
+        out = self.o_proj(out_BTHV.reshape(B, T, -1))
+        return out, (mean_over_real(kl_BT, segment_ids_BT) if with_kl else None)
 
     def attend_absorbed(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BSC: jnp.ndarray,
                         k_rope_BSR: jnp.ndarray, mask_B1TS: jnp.ndarray) -> jnp.ndarray:
@@ -241,21 +273,14 @@ class MLA(nn.Module):
 
     def attend_selected(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BSC: jnp.ndarray,
                         k_rope_BSR: jnp.ndarray, keys_BTJ: jnp.ndarray, valid_BTJ: jnp.ndarray) -> jnp.ndarray:
-        """`attend_absorbed` over each query's own J selected keys (sparse attention, J = index_topk): their
-        latents and rope keys are gathered per query ([B,T,J,C], [B,T,J,R]) and nothing else is read, so a
-        decoded token's attention costs O(J) whatever the context. `valid` marks real keys among `keys`
-        (a query with fewer than J allowed keys). Returns ([B,T,D], the attention float32 [B,H,T,J])."""
+        """`attend_absorbed` over each query's own J selected keys (`attend_gathered`), so a decoded token's
+        attention costs O(J) whatever the context. Returns [B,T,D]."""
         w_uk_CHK, w_uv_CHV = self.absorbed_weights(q_nope.dtype)
-        rows_B11 = jnp.arange(c_kv_BSC.shape[0])[:, None, None]
-        c_BTJC, r_BTJR = c_kv_BSC[rows_B11, keys_BTJ], k_rope_BSR[rows_B11, keys_BTJ]
         q_latent_BTHC = jnp.einsum("BTHK,CHK->BTHC", q_nope, w_uk_CHK)
-        scores = (jnp.einsum("BTHC,BTJC->BHTJ", q_latent_BTHC, c_BTJC, preferred_element_type=jnp.float32)
-                  + jnp.einsum("BTHR,BTJR->BHTJ", q_rope, r_BTJR, preferred_element_type=jnp.float32))
-        scores = scores * rope.softmax_scale(self.cfg.qk_head_dim, self.cfg.rope_scaling)
-        probs = nn.softmax(jnp.where(valid_BTJ[:, None], scores, NEG_INF), axis=-1)
-        out_BTHC = jnp.einsum("BHTJ,BTJC->BTHC", probs.astype(c_BTJC.dtype), c_BTJC)
+        out_BTHC, _ = attend_gathered(q_latent_BTHC, q_rope, c_kv_BSC, k_rope_BSR, keys_BTJ, valid_BTJ,
+                                      rope.softmax_scale(self.cfg.qk_head_dim, self.cfg.rope_scaling))
         out_BTHV = jnp.einsum("BTHC,CHV->BTHV", out_BTHC, w_uv_CHV)
-        return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1)), probs
+        return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
 
     def __call__(self, x_BTD: jnp.ndarray, positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray,
                  cache: LayerCache | None = None, lengths_B: jnp.ndarray | None = None
@@ -296,4 +321,4 @@ class MLA(nn.Module):
             mask = mask & top_k_mask(scores, mask[:, 0], self.cfg.index_topk)[:, None]
             return self.attend(q_nope, q_rope, keys_c, keys_r, mask), entries, None
         selected, valid = top_k_keys(scores, mask[:, 0], self.cfg.index_topk)
-        return self.attend_selected(q_nope, q_rope, keys_c, keys_r, selected, valid)[0], entries, None
+        return self.attend_selected(q_nope, q_rope, keys_c, keys_r, selected, valid), entries, None

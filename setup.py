@@ -26,6 +26,7 @@ EXTRAS_REQUIRE = {
     # Tests, notebooks and the linter.
     "dev": [
         "pytest==9.2.0",
+        "pytest-xdist==3.8.0",
         "ruff==0.17.5",
         "nbclient==0.11.0",
         "nbformat==5.11.1",

@@ -1,4 +1,4 @@
-"""Hugging Face DeepSeek-V3/R1/V2 checkpoints <-> deepseek_jax variables (incl. FP8 block-scaled weights).
+"""Hugging Face DeepSeek-V3/R1/V3.2/V2 checkpoints <-> deepseek_jax variables (incl. FP8 block-scaled weights).
 
     cfg, variables = convert.load_checkpoint("/ckpt/DeepSeek-V3", mesh=mesh, rules=rules)
     convert.save_checkpoint(cfg, variables, "/out/hf", dtype="float8_e4m3fn")

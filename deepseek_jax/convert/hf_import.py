@@ -1,4 +1,4 @@
-"""Import: a Hugging Face DeepSeek-V3/R1/V2 checkpoint -> (ModelConfig, variables), streamed onto a mesh.
+"""Import: a Hugging Face DeepSeek-V3/R1/V3.2/V2 checkpoint -> (ModelConfig, variables), streamed onto a mesh.
 
 Everything is checked before any weight is read: every tensor the model needs is present with the right
 shape (FP8 weights with a scale grid that fits), and every tensor of the checkpoint is used (the MTP layers'

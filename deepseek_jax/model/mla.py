@@ -10,14 +10,14 @@ R rope head dim (qk_rope_head_dim), V value head dim, C kv latent (kv_lora_rank)
     o    = softmax((q_nope.k_nope + q_rope.k_rope) * scale + mask) v  W_O
 
 With DeepSeek Sparse Attention (V3.2, cfg.sparse_attention) a lightning indexer (model/indexer.py) scores
-every allowed key per query, and the mask keeps only each query's index_topk best.
+every allowed key per query, and each query attends, in the absorbed form below, to the latents of its
+index_topk best keys only, gathered (`attend_gathered`).
 
 A KV cache needs only RMSNorm(c_KV) and the rotated k_rope per token (model/cache.py), and the indexer's key
-under sparse attention. Given one, the
-new tokens attend over [cache ; themselves], `absorbed` (scores against the latent directly, DeepSeek's
-inference form) or `naive` (the latent up-projected to per-head keys and values), and their own entries
-come back for the caller to write. Parameter names are those of the Hugging Face checkpoints, kernels
-stored [in, out].
+under sparse attention. Given one, the new tokens attend over [cache ; themselves], `absorbed` (scores
+against the latent directly, DeepSeek's inference form) or `naive` (the latent up-projected to per-head keys
+and values), and their own entries come back for the caller to write. Parameter names are those of the
+Hugging Face checkpoints, kernels stored [in, out].
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def mean_over_real(per_query_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray) -> jn
 
 
 class MLA(nn.Module):
-    """x [B, T, D] -> (y [B, T, D], the new tokens' cache entries LayerCache([B, T, C], [B, T, R]) when
-    given a cache, else None)."""
+    """x [B, T, D] -> (y [B, T, D], the new tokens' cache entries LayerCache([B, T, C], [B, T, R][, [B, T, I]])
+    when given a cache, else None, the indexer's KL loss or None): see `__call__`."""
 
     cfg: ModelConfig
     recipe: Recipe | None = None  # The FP8 recipe of every projection (ops/recipe.py), or None.

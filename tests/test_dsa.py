@@ -1,8 +1,10 @@
 """DeepSeek Sparse Attention (V3.2): the lightning indexer selects what transformers' DeepseekV32 selects,
-its top-k mask is what moves the logits, packed documents stay apart, and the configuration is checked.
+its top-k mask is what moves the logits, packed documents stay apart; the indexer's KL against NumPy, the
+gradients of its two losses, the report's two training stages through the trainer; the settings checked.
 
 The logits-level parity with transformers and the export round trip are the `v32_sparse_attention` case of
-test_convert.py / test_convert_io.py (same transformers-made checkpoint, session-cached).
+test_convert.py / test_convert_io.py (same transformers-made checkpoint, session-cached); cached decoding
+with sparse attention is tests/test_infer.py's `dense_or_sparse` fixture.
 """
 
 import functools

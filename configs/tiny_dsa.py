@@ -25,14 +25,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.index_head_dim = 32
     config.model.index_topk = opts.topk  # V3.2: 2048 of up to 128K.
     config.train.indexer_stage = opts.stage
-    if opts.stage == "dense_warmup":  # The report: 1000 steps at 1e-3 for 2.1B tokens; here a short run.
-        config.train.steps = 100
-        config.train.learning_rate = 1e-3
-        config.train.warmup_steps = 10
-    else:
-        config.train.steps = 200
-        config.train.learning_rate = 1e-3
-        config.train.warmup_steps = 10
+    # The report's warm-up: 1000 steps at 1e-3 for 2.1B tokens; here both stages are short runs.
+    config.train.steps = 100 if opts.stage == "dense_warmup" else 200
+    config.train.learning_rate = 1e-3
+    config.train.warmup_steps = 10
     config.train.eval_every = 50
     config.checkpoint.every = 50
     return config

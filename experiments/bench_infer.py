@@ -209,7 +209,7 @@ def without_indexer(cfg: ModelConfig, variables: dict) -> tuple[ModelConfig, dic
     def drop(tree):
         return {k: drop(v) for k, v in tree.items() if k != "indexer"} if isinstance(tree, dict) else tree
 
-    return cfg.replace(index_n_heads=0, index_head_dim=0, index_topk=0), drop(variables)
+    return cfg.dense_attention(), drop(variables)
 
 
 def forward_temp_bytes(cfg: ModelConfig, variables: dict, length: int) -> int:

@@ -97,7 +97,7 @@ def test_large_top_k_is_dense_attention_and_the_sparse_mask_matters(sparse_tiny)
     forward = jax.jit(model.apply, static_argnums=0, compiler_options=FAST_COMPILE)
     sparse = forward(cfg, variables, tokens)
     wide = forward(cfg.replace(index_topk=10), variables, tokens)
-    dense_cfg = cfg.replace(index_n_heads=0, index_head_dim=0, index_topk=0)
+    dense_cfg = cfg.dense_attention()
     dense_vars = jax.tree_util.tree_map_with_path(lambda p, a: a, variables)
     for stack in ("dense_layers", "moe_layers"):
         del dense_vars["params"][stack]["self_attn"]["indexer"]

@@ -113,6 +113,10 @@ class ModelConfig:
         """Only the auxiliary-loss-free method (`noaux_tc`) has a selection bias per expert."""
         return self.topk_method == "noaux_tc"
 
+    def dense_attention(self) -> ModelConfig:
+        """This model without its lightning indexers: V3's dense MLA (the same weights, less the indexers')."""
+        return self.replace(index_n_heads=0, index_head_dim=0, index_topk=0, indexer_loss="off")
+
     def replace(self, **changes: Any) -> ModelConfig:
         return validate(dataclasses.replace(self, **changes))
 

@@ -106,7 +106,7 @@ def start_from(state: step_lib.TrainState, config: ml_collections.ConfigDict, cf
     are read as that model's, and the lightning indexers keep their fresh initialisation."""
     source_cfg = cfg
     if trains_indexer_only(config.train):
-        source_cfg = cfg.replace(index_n_heads=0, index_head_dim=0, index_topk=0, indexer_loss="off")
+        source_cfg = cfg.dense_attention()
     weights = load_weights(config.train.init_from, source_cfg, optimizer_cfg=config.train, mesh=devices.mesh,
                            rules=devices.rules, field="config.train.init_from")
     print(f"Starting from {weights.source}" + (" (new lightning indexers)." if source_cfg is not cfg else "."))

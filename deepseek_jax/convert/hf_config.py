@@ -33,6 +33,11 @@ MODEL_KEYS = (
 # V3.2's lightning indexer (DeepSeek Sparse Attention); only DeepseekV32ForCausalLM has these keys.
 INDEX_KEYS = ("index_n_heads", "index_head_dim", "index_topk")
 
+
+def model_keys(architecture: str) -> tuple[str, ...]:
+    """The ModelConfig fields an architecture's config.json holds 1:1."""
+    return MODEL_KEYS + (INDEX_KEYS if architecture == V32 else ())
+
 # Values the architecture implies when a config leaves the key out (transformers' own class defaults).
 ARCH_DEFAULTS = {
     V3: dict(topk_method="noaux_tc", scoring_func="sigmoid", num_nextn_predict_layers=1),
@@ -180,14 +185,14 @@ def from_hf(hf: Mapping[str, Any]) -> tuple[ModelConfig, CheckpointFormat]:
         if hf.setdefault("num_nextn_predict_layers", alias) != alias:
             _fail("'num_mtp_layers'", f"= {alias} contradicts num_nextn_predict_layers="
                   f"{hf['num_nextn_predict_layers']}", "keep one of them")
-    model_keys = MODEL_KEYS + (INDEX_KEYS if arch == V32 else ())
-    handled = set(model_keys) | set(ROPE_KEYS) | _check_fixed(hf) | IGNORED_KEYS | {
+    keys = model_keys(arch)
+    handled = set(keys) | set(ROPE_KEYS) | _check_fixed(hf) | IGNORED_KEYS | {
         "architectures", "model_type", "quantization_config"}
     unknown = sorted(set(hf) - handled)
     if unknown:
         _fail(f"keys {unknown}", f"are not understood by deepseek_jax's {arch} import",
               "Remove them if they do not change the model, or extend deepseek_jax/convert/hf_config.py")
-    values = {**ARCH_DEFAULTS[arch], **{k: hf[k] for k in model_keys if k in hf}}
+    values = {**ARCH_DEFAULTS[arch], **{k: hf[k] for k in keys if k in hf}}
     if arch == V2:  # transformers' V2 config stores a missing group setting as null.
         values["n_group"] = values["n_group"] or 1
         values["topk_group"] = values["topk_group"] or 1
@@ -244,7 +249,7 @@ def to_hf(cfg: ModelConfig, fmt: CheckpointFormat, base: Mapping[str, Any] | Non
     out.update(architectures=[fmt.architecture], model_type=MODEL_TYPES[fmt.architecture], hidden_act="silu",
                attention_bias=False, tie_word_embeddings=False, num_key_value_heads=cfg.num_attention_heads,
                torch_dtype=torch_dtype)
-    out.update({k: getattr(cfg, k) for k in MODEL_KEYS + (INDEX_KEYS if fmt.architecture == V32 else ())})
+    out.update({k: getattr(cfg, k) for k in model_keys(fmt.architecture)})
     if fmt.architecture == V2 and cfg.num_nextn_predict_layers == 0:
         del out["num_nextn_predict_layers"]
     scaling = None if cfg.rope_scaling is None else {k: v for k, v in cfg.rope_scaling.items()

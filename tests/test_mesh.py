@@ -200,6 +200,23 @@ def test_replicated_sharding_of_routing_biases(tmp_path):
         assert s.spec == PartitionSpec()
 
 
+def test_variable_shapes_and_axes_are_traced_once_per_config_and_handed_out_fresh():
+    """`abstract_variables` and `logical_axes` share one trace of the model per config: the shapes equal a
+    real init's, a caller editing a returned tree changes nothing for the next caller, and another config
+    gets its own shapes."""
+    from deepseek_jax import model
+
+    cfg = model_config()
+    shapes = model.abstract_variables(cfg)
+    chex.assert_trees_all_equal_shapes_and_dtypes(shapes, model.init(cfg, jax.random.key(0)))
+    assert jax.tree.structure(model.logical_axes(cfg)["params"]) == jax.tree.structure(shapes["params"])
+    shapes["params"].clear()
+    model.logical_axes(cfg)["params"].clear()
+    assert model.abstract_variables(cfg)["params"] and model.logical_axes(cfg)["params"]
+    wider = cfg.replace(hidden_size=2 * cfg.hidden_size)
+    assert model.abstract_variables(wider)["params"]["embed_tokens"]["embedding"].shape[1] == 2 * cfg.hidden_size
+
+
 def test_checkpoint_saved_on_one_mesh_restores_onto_another(tmp_path):
     """Sharded save (each device writes its shards) on data=2 x expert=4; restore onto expert=8, onto
     data=2 x tensor=2 x expert=2 and onto one device: the same values, in the target's shardings."""

@@ -7,6 +7,8 @@ the module definitions and are read back with `logical_axes`.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,14 +32,22 @@ def init(cfg: ModelConfig, key: jax.Array) -> Variables:
     return jax.jit(lambda k: nn.meta.unbox(_boxed_init(cfg, k)))(key)
 
 
+@functools.lru_cache(maxsize=16)
+def _abstract_boxed(cfg: ModelConfig) -> Variables:
+    """The boxed variables' shapes, traced once per config: a run asks for them several times (shardings,
+    checkpoint targets, the optimizer's state) and each trace of the whole model costs a fraction of a
+    second. Never handed out: the two functions below build new trees from it."""
+    return jax.eval_shape(lambda: _boxed_init(cfg, jax.random.key(0)))
+
+
 def abstract_variables(cfg: ModelConfig) -> Variables:
     """Shapes and dtypes of the variables (jax.ShapeDtypeStruct leaves) without allocating anything."""
-    return nn.meta.unbox(jax.eval_shape(lambda: _boxed_init(cfg, jax.random.key(0))))
+    return nn.meta.unbox(_abstract_boxed(cfg))
 
 
 def logical_axes(cfg: ModelConfig) -> Variables:
     """The variables' logical axis names, as a pytree of PartitionSpec with logical names."""
-    return nn.get_partition_spec(jax.eval_shape(lambda: _boxed_init(cfg, jax.random.key(0))))
+    return nn.get_partition_spec(_abstract_boxed(cfg))
 
 
 def apply(cfg: ModelConfig, variables: Variables, tokens_BT: jnp.ndarray,

@@ -77,6 +77,24 @@ def attention_core(q_BTHK: jnp.ndarray, k_BSHK: jnp.ndarray, v_BSHV: jnp.ndarray
     return jnp.einsum("BHTS,BSHV->BTHV", probs, v_BSHV)
 
 
+def causal_attention(q_BTHK: jnp.ndarray, k_BTHK: jnp.ndarray, v_BTHV: jnp.ndarray, segment_ids_BT: jnp.ndarray,
+                     ) -> jnp.ndarray:
+    """`attention_core` of a sequence over itself (causal, within documents), QUERY_CHUNK queries at a time,
+    each block against the keys up to its last query only: the causal mask's upper triangle of blocks is
+    never computed (about half the scores at long T). q already scaled. Returns [B,T,H,V]."""
+    return jnp.concatenate([attention_core(q_BTHK[:, start:end], k_BTHK[:, :end], v_BTHV[:, :end], mask)
+                            for start, end, mask in query_blocks(segment_ids_BT)], axis=1)
+
+
+def query_blocks(segment_ids_BT: jnp.ndarray) -> list[tuple[int, int, jnp.ndarray]]:
+    """(start, end, the mask [B,1,end-start,end] of queries start:end over keys :end) per block of
+    QUERY_CHUNK queries of a sequence attending to itself."""
+    T = segment_ids_BT.shape[1]
+    return [(start, end, attention_mask(segment_ids_BT[:, start:end], segment_ids_BT[:, :end],
+                                        jnp.arange(start, end)[None, :], jnp.arange(end)[None, :]))
+            for start, end in ((s, min(s + QUERY_CHUNK, T)) for s in range(0, T, QUERY_CHUNK))]
+
+
 def attend_gathered(q_latent_BTHC: jnp.ndarray, q_rope_BTHR: jnp.ndarray, c_kv_BSC: jnp.ndarray,
                     k_rope_BSR: jnp.ndarray, keys_BTJ: jnp.ndarray, valid_BTJ: jnp.ndarray, scale: float
                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -176,28 +194,23 @@ class MLA(nn.Module):
     def self_attend(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BTC: jnp.ndarray,
                     k_rope_BTR: jnp.ndarray, segment_ids_BT: jnp.ndarray, index: IndexerOutputs | None = None
                     ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-        """`attend` over the sequence itself (causal, within documents), QUERY_CHUNK queries at a time,
-        each chunk against the keys up to its last query only: the causal mask's upper triangle of
-        blocks is never computed (about half the scores at long T). Returns ([B,T,D], None), or with the
+        """`attend` over the sequence itself (`causal_attention`). Returns ([B,T,D], None), or with the
         indexer's outputs (sparse attention's dense warm-up) the indexer's KL against this attention over
         every allowed key as the second item."""
         q, k, v = self.joint_qkv(q_nope, q_rope, c_kv_BTC, k_rope_BTR)
-        T = q.shape[1]
-        chunks, kl = [], []
-        for start in range(0, T, QUERY_CHUNK):
-            end = min(start + QUERY_CHUNK, T)
-            mask = attention_mask(segment_ids_BT[:, start:end], segment_ids_BT[:, :end],
-                                  jnp.arange(start, end)[None, :], jnp.arange(end)[None, :])
-            if index is None:
-                chunks.append(attention_core(q[:, start:end], k[:, :end], v[:, :end], mask))
-                continue
-            probs = attention_probs(q[:, start:end], k[:, :end], mask)
-            chunks.append(jnp.einsum("BHTS,BSHV->BTHV", probs.astype(v.dtype), v[:, :end]))
-            scores = index_scores(index[0][:, start:end], index[1][:, start:end], index[2][:, :end])
-            kl.append(indexer_kl(probs.sum(axis=1), scores, mask[:, 0]))
-        out_BTHV = checkpoint_name(jnp.concatenate(chunks, axis=1), remat.ATTENTION)
-        out = self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
-        return out, (mean_over_real(jnp.concatenate(kl, axis=1), segment_ids_BT) if kl else None)
+        if index is None:
+            out_BTHV, kl = causal_attention(q, k, v, segment_ids_BT), None
+        else:
+            chunks, kls = [], []
+            for start, end, mask in query_blocks(segment_ids_BT):
+                probs = attention_probs(q[:, start:end], k[:, :end], mask)
+                chunks.append(jnp.einsum("BHTS,BSHV->BTHV", probs.astype(v.dtype), v[:, :end]))
+                scores = index_scores(index[0][:, start:end], index[1][:, start:end], index[2][:, :end])
+                kls.append(indexer_kl(probs.sum(axis=1), scores, mask[:, 0]))
+            out_BTHV = jnp.concatenate(chunks, axis=1)
+            kl = mean_over_real(jnp.concatenate(kls, axis=1), segment_ids_BT)
+        out_BTHV = checkpoint_name(out_BTHV, remat.ATTENTION)
+        return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1)), kl
 
     def self_attend_sparse(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BTC: jnp.ndarray,
                            k_rope_BTR: jnp.ndarray, segment_ids_BT: jnp.ndarray, index: IndexerOutputs,

@@ -254,7 +254,8 @@ def jax_side(name: str, path: pathlib.Path, threads: int, mtp: bool, profile: bo
         result = step_profile.profile_compiled(compiled, lambda: compiled(state, batch), steps=3)
         return {"wall_seconds": result.wall_seconds, "busy_seconds": result.busy_seconds,
                 "host_overhead_seconds": result.host_overhead_seconds,
-                "seconds_by_category": result.seconds_by_category, "top_instructions": result.top_instructions}
+                "seconds_by_category": result.seconds_by_category, "top_instructions": result.top_instructions,
+                "layout_copy_seconds": result.layout_copy_seconds}
     record = {"train step": timed(lambda: train_step(state, batch), jax.block_until_ready)}
     if not mtp:
         forward = jax.jit(lambda v, t: model.forward(cfg, v, t))
@@ -392,6 +393,10 @@ def profile_markdown(out: dict) -> str:
                   f"{sides['jax_mtp']['wall_seconds'] * 1e3:,.0f} | {sides['torch']['wall_seconds'] * 1e3:,.0f} | |",
                   f"| host overhead | {sides['jax']['host_overhead_seconds'] * 1e3:,.1f} | | "
                   f"{sides['jax_mtp']['host_overhead_seconds'] * 1e3:,.1f} | | |", "",
+                  "Of deepseek_jax's time (no MTP), instructions that materialise a transpose or a copy, mostly a "
+                  "GEMM operand put into the layout the GEMM wants, with the elementwise work fused into them "
+                  f"(counted in the parts above too): {sides['jax']['layout_copy_seconds'] * 1e3:,.1f} ms, "
+                  f"{sides['jax']['layout_copy_seconds'] / jax_total:.0%}.", "",
                   "Slowest XLA instructions (deepseek_jax, no MTP): " + "; ".join(
                       f"{n} ({c}) {s * 1e3:.1f} ms" for n, c, s in sides["jax"]["top_instructions"][:8]) + ".", "",
                   "Slowest PyTorch operators: " + "; ".join(

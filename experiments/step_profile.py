@@ -2,6 +2,7 @@
 
     profile = profile_compiled(compiled, run, steps=3)   # run() executes the program once
     profile.seconds_by_category                          # {'expert GEMMs': ..., 'attention': ..., ...}
+    profile.layout_copy_seconds                          # transposes and copies XLA materialises
 
 `jax.profiler` records one event per executed XLA instruction (a thunk) on the executor's threads; the
 compiled program's text maps each instruction's name to its opcode and the Python stack that emitted it
@@ -102,6 +103,24 @@ def instructions(hlo_text: str) -> dict[str, Instruction]:
     return found
 
 
+def layout_copies(hlo_text: str) -> set[str]:
+    """The instructions that materialise a transpose or a copy: `transpose` and `copy` themselves, and
+    fusions whose computation holds a transpose and a copy (XLA:CPU fuses the elementwise work producing a
+    GEMM operand with the transpose into the layout the GEMM wants)."""
+    bodies = {m.group(1): m.group(2) for m in re.finditer(r"^%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.S | re.M)}
+    found = set()
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, opcode = match.group(1), match.group(2)
+        called = re.search(r"calls=%([\w.\-]+)", line) if opcode == "fusion" else None
+        body = bodies.get(called.group(1), "") if called else ""
+        if opcode in ("transpose", "copy") or (" transpose(" in body and " copy(" in body):
+            found.add(name)
+    return found
+
+
 def _is_dot(instruction: Instruction, name: str) -> bool:
     return instruction.opcode in _DOTS or instruction.opcode.endswith(":dot") or name.startswith(("dot", "ynn"))
 
@@ -149,6 +168,7 @@ class StepProfile:
     busy_seconds: float  # per step: time at least one executor thread ran an instruction
     seconds_by_category: dict[str, float]  # per step, summed over threads
     top_instructions: list[tuple[str, str, float]]  # (instruction, category, seconds per step)
+    layout_copy_seconds: float  # per step, summed over threads: `layout_copies`, across the categories
 
     @property
     def host_overhead_seconds(self) -> float:
@@ -169,7 +189,8 @@ def _union_seconds(intervals: list[tuple[int, int]]) -> float:
 
 def profile_compiled(compiled, run: Callable[[], object], steps: int = 3) -> StepProfile:
     """Traces `steps` calls of `run` (each executing `compiled` once; warm it up first)."""
-    known = instructions(compiled.as_text())
+    text = compiled.as_text()
+    known, copies = instructions(text), layout_copies(text)
     with tempfile.TemporaryDirectory() as directory:
         jax.profiler.start_trace(directory)
         start = time.perf_counter()
@@ -193,4 +214,5 @@ def profile_compiled(compiled, run: Callable[[], object], steps: int = 3) -> Ste
     top = [(name, category(name, known[name]), seconds) for name, seconds in by_instruction.most_common(15)]
     return StepProfile(wall_seconds=wall, busy_seconds=_union_seconds(intervals) / steps,
                        seconds_by_category={c: by_category.get(c, 0.0) for c in CATEGORIES},
-                       top_instructions=top)
+                       top_instructions=top,
+                       layout_copy_seconds=sum(v for k, v in by_instruction.items() if k in copies))

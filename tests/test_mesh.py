@@ -12,6 +12,7 @@ import pytest
 from common import micro_run_config, model_config
 from jax.sharding import NamedSharding, PartitionSpec
 
+from deepseek_jax import model
 from deepseek_jax.model import moe
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.parallel import mesh as mesh_lib
@@ -204,8 +205,6 @@ def test_variable_shapes_and_axes_are_traced_once_per_config_and_handed_out_fres
     """`abstract_variables` and `logical_axes` share one trace of the model per config: the shapes equal a
     real init's, a caller editing a returned tree changes nothing for the next caller, and another config
     gets its own shapes."""
-    from deepseek_jax import model
-
     cfg = model_config()
     shapes = model.abstract_variables(cfg)
     chex.assert_trees_all_equal_shapes_and_dtypes(shapes, model.init(cfg, jax.random.key(0)))

@@ -173,14 +173,21 @@ class MLA(nn.Module):
         kv = kv.reshape(*c_kv_BSC.shape[:2], cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
         return kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
 
+    @property
+    def softmax_scale(self) -> float:
+        """The scores' scale, `rope.softmax_scale` of this model (YaRN included)."""
+        return rope.softmax_scale(self.cfg.qk_head_dim, self.cfg.rope_scaling)
+
+    def project_out(self, out_BTHV: jnp.ndarray) -> jnp.ndarray:
+        """The heads' outputs [B,T,H,V] through o_proj: [B,T,D]."""
+        return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
+
     def joint_qkv(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BSC: jnp.ndarray, k_rope_BSR: jnp.ndarray
                   ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
         """Per-head q [B,T,H,K+R] (scaled by the softmax scale), k [B,S,H,K+R] (the shared rope key on
         every head) and v [B,S,H,V] from the latent: scores are then one product q.k, as in `attend`."""
-        cfg = self.cfg
         k_nope, v = self.up_project(c_kv_BSC)
-        scale = rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
-        q = jnp.concatenate([q_nope, q_rope], axis=-1) * jnp.asarray(scale, q_nope.dtype)
+        q = jnp.concatenate([q_nope, q_rope], axis=-1) * jnp.asarray(self.softmax_scale, q_nope.dtype)
         k_rope_BSHR = jnp.broadcast_to(k_rope_BSR[:, :, None, :], (*k_nope.shape[:3], k_rope_BSR.shape[-1]))
         return q, jnp.concatenate([k_nope, k_rope_BSHR.astype(k_nope.dtype)], axis=-1), v
 
@@ -188,8 +195,7 @@ class MLA(nn.Module):
                k_rope_BSR: jnp.ndarray, mask_B1TS: jnp.ndarray) -> jnp.ndarray:
         """Naive MLA attention over a latent sequence (up-projected per head); returns [B,T,D]."""
         q, k, v = self.joint_qkv(q_nope, q_rope, c_kv_BSC, k_rope_BSR)
-        out_BTHV = checkpoint_name(attention_core(q, k, v, mask_B1TS), remat.ATTENTION)
-        return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
+        return self.project_out(checkpoint_name(attention_core(q, k, v, mask_B1TS), remat.ATTENTION))
 
     def self_attend(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BTC: jnp.ndarray,
                     k_rope_BTR: jnp.ndarray, segment_ids_BT: jnp.ndarray, index: IndexerOutputs | None = None
@@ -209,8 +215,7 @@ class MLA(nn.Module):
                 kls.append(indexer_kl(probs.sum(axis=1), scores, mask[:, 0]))
             out_BTHV = jnp.concatenate(chunks, axis=1)
             kl = mean_over_real(jnp.concatenate(kls, axis=1), segment_ids_BT)
-        out_BTHV = checkpoint_name(out_BTHV, remat.ATTENTION)
-        return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1)), kl
+        return self.project_out(checkpoint_name(out_BTHV, remat.ATTENTION)), kl
 
     def self_attend_sparse(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BTC: jnp.ndarray,
                            k_rope_BTR: jnp.ndarray, segment_ids_BT: jnp.ndarray, index: IndexerOutputs,
@@ -225,9 +230,7 @@ class MLA(nn.Module):
         B, T = q_nope.shape[:2]
         block = min(QUERY_CHUNK, T)
         q_index, weights, keys = index
-        w_uk_CHK, w_uv_CHV = self.absorbed_weights(q_nope.dtype)
-        q_latent = jnp.einsum("BTHK,CHK->BTHC", q_nope, w_uk_CHK)
-        scale = rope.softmax_scale(cfg.qk_head_dim, cfg.rope_scaling)
+        q_latent = self.absorbed_queries(q_nope)
         key_positions = jnp.arange(T)[None, :]
 
         def attend_block(start: jnp.ndarray, size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -236,7 +239,8 @@ class MLA(nn.Module):
                                      key_positions)[:, 0]
             scores = index_scores(take(q_index), take(weights), keys)
             selected, valid = top_k_keys(scores, allowed, cfg.index_topk)
-            out, probs = attend_gathered(take(q_latent), take(q_rope), c_kv_BTC, k_rope_BTR, selected, valid, scale)
+            out, probs = attend_gathered(take(q_latent), take(q_rope), c_kv_BTC, k_rope_BTR, selected, valid,
+                                         self.softmax_scale)
             kl = (indexer_kl(probs.sum(axis=1), jnp.take_along_axis(scores, selected, axis=-1), valid) if with_kl
                   else jnp.zeros((B, size), jnp.float32))
             return out, kl
@@ -251,9 +255,7 @@ class MLA(nn.Module):
         if whole < T:  # A last, shorter block.
             out, kl = attend_block(jnp.asarray(whole), T - whole)
             out_BTHC, kl_BT = jnp.concatenate([out_BTHC, out], axis=1), jnp.concatenate([kl_BT, kl], axis=1)
-        out_BTHV = jnp.einsum("BTHC,CHV->BTHV", out_BTHC, w_uv_CHV)
-        out = self.o_proj(out_BTHV.reshape(B, T, -1))
-        return out, (mean_over_real(kl_BT, segment_ids_BT) if with_kl else None)
+        return self.absorbed_output(out_BTHC), (mean_over_real(kl_BT, segment_ids_BT) if with_kl else None)
 
     def attend_absorbed(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BSC: jnp.ndarray,
                         k_rope_BSR: jnp.ndarray, mask_B1TS: jnp.ndarray) -> jnp.ndarray:
@@ -264,15 +266,21 @@ class MLA(nn.Module):
             scores = (q_nope W_UK^T) . c_KV + q_rope . k_rope,   out = (softmax(scores) c_KV) W_UV W_O.
         Equal to `attend` up to rounding; the weight matmuls here are plain (no FP8 recipe).
         """
-        w_uk_CHK, w_uv_CHV = self.absorbed_weights(q_nope.dtype)
-        q_latent_BTHC = jnp.einsum("BTHK,CHK->BTHC", q_nope, w_uk_CHK)
+        q_latent_BTHC = self.absorbed_queries(q_nope)
         scores = (jnp.einsum("BTHC,BSC->BHTS", q_latent_BTHC, c_kv_BSC, preferred_element_type=jnp.float32)
                   + jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope_BSR, preferred_element_type=jnp.float32))
-        scores = scores * rope.softmax_scale(self.cfg.qk_head_dim, self.cfg.rope_scaling)
-        probs = nn.softmax(jnp.where(mask_B1TS, scores, NEG_INF), axis=-1).astype(c_kv_BSC.dtype)
-        out_BTHC = jnp.einsum("BHTS,BSC->BTHC", probs, c_kv_BSC)
-        out_BTHV = jnp.einsum("BTHC,CHV->BTHV", out_BTHC, w_uv_CHV)
-        return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
+        probs = nn.softmax(jnp.where(mask_B1TS, scores * self.softmax_scale, NEG_INF), axis=-1)
+        return self.absorbed_output(jnp.einsum("BHTS,BSC->BTHC", probs.astype(c_kv_BSC.dtype), c_kv_BSC))
+
+    def absorbed_queries(self, q_nope: jnp.ndarray) -> jnp.ndarray:
+        """q_nope W_UK^T: each head's query in the latent space, [B,T,H,C] (scores are then q . c_KV)."""
+        w_uk_CHK, _ = self.absorbed_weights(q_nope.dtype)
+        return jnp.einsum("BTHK,CHK->BTHC", q_nope, w_uk_CHK)
+
+    def absorbed_output(self, out_BTHC: jnp.ndarray) -> jnp.ndarray:
+        """The attended latents [B,T,H,C] through W_UV per head and o_proj: [B,T,D]."""
+        _, w_uv_CHV = self.absorbed_weights(out_BTHC.dtype)
+        return self.project_out(jnp.einsum("BTHC,CHV->BTHV", out_BTHC, w_uv_CHV))
 
     def absorbed_weights(self, dtype: jnp.dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
         """kv_b_proj split per head into W_UK [C,H,K] and W_UV [C,H,V], in `dtype`."""
@@ -288,12 +296,9 @@ class MLA(nn.Module):
                         k_rope_BSR: jnp.ndarray, keys_BTJ: jnp.ndarray, valid_BTJ: jnp.ndarray) -> jnp.ndarray:
         """`attend_absorbed` over each query's own J selected keys (`attend_gathered`), so a decoded token's
         attention costs O(J) whatever the context. Returns [B,T,D]."""
-        w_uk_CHK, w_uv_CHV = self.absorbed_weights(q_nope.dtype)
-        q_latent_BTHC = jnp.einsum("BTHK,CHK->BTHC", q_nope, w_uk_CHK)
-        out_BTHC, _ = attend_gathered(q_latent_BTHC, q_rope, c_kv_BSC, k_rope_BSR, keys_BTJ, valid_BTJ,
-                                      rope.softmax_scale(self.cfg.qk_head_dim, self.cfg.rope_scaling))
-        out_BTHV = jnp.einsum("BTHC,CHV->BTHV", out_BTHC, w_uv_CHV)
-        return self.o_proj(out_BTHV.reshape(*out_BTHV.shape[:2], -1))
+        out_BTHC, _ = attend_gathered(self.absorbed_queries(q_nope), q_rope, c_kv_BSC, k_rope_BSR, keys_BTJ,
+                                      valid_BTJ, self.softmax_scale)
+        return self.absorbed_output(out_BTHC)
 
     def __call__(self, x_BTD: jnp.ndarray, positions_BT: jnp.ndarray, segment_ids_BT: jnp.ndarray,
                  cache: LayerCache | None = None, lengths_B: jnp.ndarray | None = None

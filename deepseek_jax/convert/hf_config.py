@@ -18,7 +18,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from deepseek_jax.model.config import ModelConfig
+from deepseek_jax.model.config import INDEXER_FIELDS, ModelConfig
 
 V3, V32, V2 = "DeepseekV3ForCausalLM", "DeepseekV32ForCausalLM", "DeepseekV2ForCausalLM"
 MODEL_TYPES = {V3: "deepseek_v3", V32: "deepseek_v32", V2: "deepseek_v2"}
@@ -30,13 +30,12 @@ MODEL_KEYS = (
     "topk_group", "topk_method", "scoring_func", "norm_topk_prob", "routed_scaling_factor",
     "first_k_dense_replace", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
     "v_head_dim", "max_position_embeddings", "rms_norm_eps", "num_nextn_predict_layers")
-# V3.2's lightning indexer (DeepSeek Sparse Attention); only DeepseekV32ForCausalLM has these keys.
-INDEX_KEYS = ("index_n_heads", "index_head_dim", "index_topk")
 
 
 def model_keys(architecture: str) -> tuple[str, ...]:
     """The ModelConfig fields an architecture's config.json holds 1:1."""
-    return MODEL_KEYS + (INDEX_KEYS if architecture == V32 else ())
+    return MODEL_KEYS + (INDEXER_FIELDS if architecture == V32 else ())  # Only V3.2 has a lightning indexer.
+
 
 # Values the architecture implies when a config leaves the key out (transformers' own class defaults).
 ARCH_DEFAULTS = {

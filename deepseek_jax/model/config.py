@@ -28,6 +28,8 @@ RUNTIME_FIELDS = ("dtype", "moe_dispatch", "remat", "moe_capacity_factor", "node
                   "scan_layers", "indexer_loss")
 # How a sparse-attention model trains its lightning indexer (V3.2 report, section 2.1.1; model/indexer.py).
 INDEXER_LOSSES = ("off", "dense", "sparse")
+# The lightning indexer's shape (V3.2's config.json keys too): all > 0 for sparse attention, all 0 for V3.
+INDEXER_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +117,7 @@ class ModelConfig:
 
     def dense_attention(self) -> ModelConfig:
         """This model without its lightning indexers: V3's dense MLA (the same weights, less the indexers')."""
-        return self.replace(index_n_heads=0, index_head_dim=0, index_topk=0, indexer_loss="off")
+        return self.replace(**dict.fromkeys(INDEXER_FIELDS, 0), indexer_loss="off")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return validate(dataclasses.replace(self, **changes))
@@ -228,8 +230,7 @@ def _validate_node_limit(cfg: ModelConfig) -> None:
 
 def _validate_sparse_attention(cfg: ModelConfig) -> None:
     """The indexer's three keys are all set (> 0) or all 0, and the indexer has the inputs it reads."""
-    keys = ("index_n_heads", "index_head_dim", "index_topk")
-    values = {k: getattr(cfg, k) for k in keys}
+    values = {k: getattr(cfg, k) for k in INDEXER_FIELDS}
     for key, value in values.items():
         if not is_int(value) or value < 0:
             _fail(key, f"must be an integer >= 0, got {value!r}", "use 0 for dense attention (V3)")

@@ -49,6 +49,10 @@ class Instruction:
     opcode: str  # the HLO opcode; for a fusion, "fusion:<kind>" plus the root's opcode when known
     op_name: str
     frames: tuple[tuple[str, str], ...]  # (file, function) innermost first
+    # A transpose or copy written out: `transpose` and `copy` themselves, and fusions whose computation holds
+    # a transpose and a copy (XLA:CPU fuses the elementwise work producing a GEMM operand with the transpose
+    # into the layout the GEMM wants).
+    copies_layout: bool = False
 
 
 def _tables(text: str) -> dict[str, dict[int, str]]:
@@ -87,28 +91,8 @@ def _frames(tables: dict, frame_id: int) -> tuple[tuple[str, str], ...]:
 def instructions(hlo_text: str) -> dict[str, Instruction]:
     """Every instruction of every computation of a compiled module's text, by name."""
     tables = _tables(hlo_text)
-    found = {}
-    for line in hlo_text.splitlines():
-        match = _INSTRUCTION.match(line)
-        if not match:
-            continue
-        name, opcode = match.group(1), match.group(2)
-        if opcode == "fusion":
-            kind = re.search(r"kind=(\w+)", line)
-            opcode = f"fusion:{kind.group(1) if kind else ''}:{'dot' if 'ynn_fusion' in name else ''}"
-        op_name = re.search(r'op_name="([^"]*)"', line)
-        frame = re.search(r"stack_frame_id=(\d+)", line)
-        found[name] = Instruction(opcode, op_name.group(1) if op_name else "",
-                                  _frames(tables, int(frame.group(1))) if frame else ())
-    return found
-
-
-def layout_copies(hlo_text: str) -> set[str]:
-    """The instructions that materialise a transpose or a copy: `transpose` and `copy` themselves, and
-    fusions whose computation holds a transpose and a copy (XLA:CPU fuses the elementwise work producing a
-    GEMM operand with the transpose into the layout the GEMM wants)."""
     bodies = {m.group(1): m.group(2) for m in re.finditer(r"^%([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.S | re.M)}
-    found = set()
+    found = {}
     for line in hlo_text.splitlines():
         match = _INSTRUCTION.match(line)
         if not match:
@@ -116,9 +100,20 @@ def layout_copies(hlo_text: str) -> set[str]:
         name, opcode = match.group(1), match.group(2)
         called = re.search(r"calls=%([\w.\-]+)", line) if opcode == "fusion" else None
         body = bodies.get(called.group(1), "") if called else ""
-        if opcode in ("transpose", "copy") or (" transpose(" in body and " copy(" in body):
-            found.add(name)
+        copies = opcode in ("transpose", "copy") or (" transpose(" in body and " copy(" in body)
+        if opcode == "fusion":
+            kind = re.search(r"kind=(\w+)", line)
+            opcode = f"fusion:{kind.group(1) if kind else ''}:{'dot' if 'ynn_fusion' in name else ''}"
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        frame = re.search(r"stack_frame_id=(\d+)", line)
+        found[name] = Instruction(opcode, op_name.group(1) if op_name else "",
+                                  _frames(tables, int(frame.group(1))) if frame else (), copies)
     return found
+
+
+def layout_copies(hlo_text: str) -> set[str]:
+    """The names of the instructions that write a transpose or a copy out (`Instruction.copies_layout`)."""
+    return {name for name, instruction in instructions(hlo_text).items() if instruction.copies_layout}
 
 
 def _is_dot(instruction: Instruction, name: str) -> bool:
@@ -168,7 +163,7 @@ class StepProfile:
     busy_seconds: float  # per step: time at least one executor thread ran an instruction
     seconds_by_category: dict[str, float]  # per step, summed over threads
     top_instructions: list[tuple[str, str, float]]  # (instruction, category, seconds per step)
-    layout_copy_seconds: float  # per step, summed over threads: `layout_copies`, across the categories
+    layout_copy_seconds: float  # per step, summed over threads: instructions that copy a layout, across the categories
 
     @property
     def host_overhead_seconds(self) -> float:
@@ -189,8 +184,7 @@ def _union_seconds(intervals: list[tuple[int, int]]) -> float:
 
 def profile_compiled(compiled, run: Callable[[], object], steps: int = 3) -> StepProfile:
     """Traces `steps` calls of `run` (each executing `compiled` once; warm it up first)."""
-    text = compiled.as_text()
-    known, copies = instructions(text), layout_copies(text)
+    known = instructions(compiled.as_text())
     with tempfile.TemporaryDirectory() as directory:
         jax.profiler.start_trace(directory)
         start = time.perf_counter()
@@ -215,4 +209,4 @@ def profile_compiled(compiled, run: Callable[[], object], steps: int = 3) -> Ste
     return StepProfile(wall_seconds=wall, busy_seconds=_union_seconds(intervals) / steps,
                        seconds_by_category={c: by_category.get(c, 0.0) for c in CATEGORIES},
                        top_instructions=top,
-                       layout_copy_seconds=sum(v for k, v in by_instruction.items() if k in copies))
+                       layout_copy_seconds=sum(v for k, v in by_instruction.items() if known[k].copies_layout))

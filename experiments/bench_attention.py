@@ -27,12 +27,11 @@ import os
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 
 import numpy as np
-from bench_vs_torch import MAX_OTHER_CPU_SHARE, RESULTS, ROOT, _pin, run_config, timed
+from bench_vs_torch import MAX_OTHER_CPU_SHARE, RESULTS, ROOT, _pin, run_config, run_json, timed
 
 SIDES = ("jax", "torch")
 MEASURES = ("forward", "fwd+bwd")
@@ -98,11 +97,8 @@ def torch_side(s: dict, threads: int, out_path: pathlib.Path) -> dict:
 
 
 def run_side(side: str, name: str, threads: int, out_path: pathlib.Path) -> dict:
-    command = [sys.executable, __file__, "--side", side, "--config_name", name, "--threads", str(threads),
-               "--out", str(out_path)]
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'experiments'}:{ROOT}")
-    done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json([__file__, "--side", side, "--config_name", name, "--threads", str(threads),
+                     "--out", str(out_path)])
 
 
 def benchmark(configs: list[str], rounds: int, threads: int) -> dict:

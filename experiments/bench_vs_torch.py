@@ -271,12 +271,17 @@ def jax_side(name: str, path: pathlib.Path, threads: int, mtp: bool, profile: bo
     return dict(record, moe_dispatch=cfg.moe_dispatch, version=jax.__version__)
 
 
-def run_side(side: str, name: str, path: pathlib.Path, threads: int, profile: bool = False) -> dict:
-    command = [sys.executable, __file__, "--side", side, "--config_name", name, "--path", str(path),
-               "--threads", str(threads)] + (["--profile"] if profile else [])
+def run_json(arguments: list[str]) -> dict:
+    """Runs `python <arguments>` (a side, in a fresh process) with experiments/ and the project importable:
+    the JSON object its stdout ends with."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'experiments'}:{ROOT}")
-    done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT, env=env)
+    done = subprocess.run([sys.executable, *arguments], check=True, capture_output=True, text=True, cwd=ROOT, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_side(side: str, name: str, path: pathlib.Path, threads: int, profile: bool = False) -> dict:
+    return run_json([__file__, "--side", side, "--config_name", name, "--path", str(path), "--threads", str(threads)]
+                    + (["--profile"] if profile else []))
 
 
 # -- the two modes -------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The package's layering, read from its imports (stdlib ast): each failure names the offending import.
 
-    checks <- ops, data <- model, defaults <- parallel, convert <- train <- infer <- rl <- cli <- mains
+    checks, host_memory <- ops, data <- model, defaults <- parallel, convert <- train <- infer <- rl <- cli <- mains
 
 A module may import its own package and the packages of lower layers, nothing of its own layer's other
 packages or above; every `deepseek_jax` import sits at the top of its module (a function-local import
@@ -16,8 +16,8 @@ import pytest
 from deepseek_jax.parallel.pipeline import _jax_internals
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "deepseek_jax"
-LAYERS = (("checks",), ("ops", "data"), ("model", "defaults"), ("parallel", "convert"), ("train",), ("infer",),
-          ("rl",), ("cli",))
+LAYERS = (("checks", "host_memory"), ("ops", "data"), ("model", "defaults"), ("parallel", "convert"), ("train",),
+          ("infer",), ("rl",), ("cli",))
 TOP_LEVEL_MAINS = ("generate", "grpo", "evaluate", "params", "plan")
 JAX_INTERNALS = "deepseek_jax.parallel.pipeline._jax_internals"
 

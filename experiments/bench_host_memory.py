@@ -36,22 +36,19 @@ def side(mtp: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from deepseek_jax import defaults, host_memory, model
+    from deepseek_jax import defaults, host_memory
     from deepseek_jax.model.config import ModelConfig
     from deepseek_jax.train import step as step_lib
     from deepseek_jax.train.optimizer import make_optimizer
 
     c = defaults.load_config(str(ROOT / "configs" / "tiny.py") + f":mtp={mtp}")
     cfg = ModelConfig.from_dict(c.model)
-    variables = model.init(cfg, jax.random.key(0))
     B, T = c.data.batch_size, c.data.seq_len
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)), jnp.int32)
     batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
              "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens.shape)}
     tx = make_optimizer(c.train)
-    state = step_lib.TrainState(step=jnp.int32(0), params=variables["params"],
-                                opt_state=tx.init(variables["params"]), routing=variables["routing"],
-                                bad_steps=jnp.int32(0), skipped_steps=jnp.int32(0))
+    state = step_lib.init_state(cfg, tx, jax.random.key(0))
     train_step = jax.jit(functools.partial(step_lib.train_step, cfg=cfg, train_cfg=c.train, tx=tx))
     jax.block_until_ready(train_step(state, batch))
     before, times = resource.getrusage(resource.RUSAGE_SELF), []

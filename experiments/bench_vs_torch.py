@@ -242,9 +242,7 @@ def jax_side(name: str, path: pathlib.Path, threads: int, mtp: bool, profile: bo
     batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
              "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)}
     tx = make_optimizer(c.train)
-    state = step_lib.TrainState(step=jnp.int32(0), params=variables["params"],
-                                opt_state=tx.init(variables["params"]), routing=variables["routing"],
-                                bad_steps=jnp.int32(0), skipped_steps=jnp.int32(0))
+    state = step_lib.state_from_variables(variables, tx)
     train_step = jax.jit(functools.partial(step_lib.train_step, cfg=cfg, train_cfg=c.train, tx=tx))
     if profile:
         import step_profile

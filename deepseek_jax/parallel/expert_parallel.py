@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.model.experts import ExpertWeights, grouped_swiglu
+from deepseek_jax.model.experts import ExpertWeights, grouped_swiglu, unsort_rows
 from deepseek_jax.ops.recipe import Recipe
 from deepseek_jax.parallel.mesh import BATCH_AXES
 
@@ -101,7 +101,7 @@ def _device_dispatch(x_nD, weights_nK, indices_nK, gate, up, down, *, ep: int, C
     sizes = jnp.bincount(recv_eR, length=E_l + 1)[:-1].astype(jnp.int32)
     route = functools.partial(_dispatch_rows, K=K, R=ep * C, axis=axis)
     out_sorted = grouped_swiglu(x_nD, route, (slot_M, order_R), sizes, (gate, up, down), recipe)
-    out_RD = jnp.zeros_like(out_sorted).at[order_R].set(out_sorted)
+    out_RD = unsort_rows(out_sorted, order_R)
     back_RD = to_experts(out_RD)  # Block i returns to device i: the all_to_all is its own inverse.
     out_nKD = jnp.take(back_RD, slot_M, axis=0, mode="fill", fill_value=0).reshape(n, K, -1)
     y_nD = jnp.einsum("nK,nKD->nD", weights_nK.astype(out_nKD.dtype), out_nKD).astype(x_nD.dtype)

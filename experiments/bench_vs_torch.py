@@ -14,7 +14,9 @@ the same CPUs), and measures, after a warm-up (jit compile / torch's first call)
 
 without the MTP module on either side (transformers' forward has none), and deepseek_jax's train step
 with MTP as a separate row. deepseek_jax runs its default MoE dispatch ('ragged': sort by expert and
-grouped GEMMs, blocked on CPU). Honesty measures: while a side runs, the CPU time used by every other
+grouped GEMMs, blocked on CPU). Both sides run under the glibc tunables deepseek_jax's mains run with
+(deepseek_jax/host_memory.py: huge pages for malloc; PyTorch's step measured alike with and without them).
+Honesty measures: while a side runs, the CPU time used by every other
 process is read from /proc (the machine's busy jiffies minus the side's own) and a run where it exceeds
 10% of the CPUs is marked invalid; the sides alternate over --rounds rounds (fresh processes each
 round), and each ratio is the median over rounds of the paired ratio (same round). The logits of the
@@ -269,10 +271,10 @@ def jax_side(name: str, path: pathlib.Path, threads: int, mtp: bool, profile: bo
     return dict(record, moe_dispatch=cfg.moe_dispatch, version=jax.__version__)
 
 
-def run_json(arguments: list[str]) -> dict:
-    """Runs `python <arguments>` (a side, in a fresh process) with experiments/ and the project importable:
-    the JSON object its stdout ends with."""
-    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'experiments'}:{ROOT}")
+def run_json(arguments: list[str], environ: dict | None = None) -> dict:
+    """Runs `python <arguments>` (a side, in a fresh process, in `environ` or this one's) with experiments/
+    and the project importable: the JSON object its stdout ends with."""
+    env = dict(os.environ if environ is None else environ, PYTHONPATH=f"{ROOT / 'experiments'}:{ROOT}")
     done = subprocess.run([sys.executable, *arguments], check=True, capture_output=True, text=True, cwd=ROOT, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -286,8 +288,15 @@ def run_side(side: str, name: str, path: pathlib.Path, threads: int, profile: bo
 
 
 def benchmark(configs: list[str], rounds: int, threads: int) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from deepseek_jax import host_memory
+
+    # Both sides under the allocator settings deepseek_jax's mains run with (host_memory.py: huge pages).
+    tunables = host_memory.huge_pages_tunables(os.environ)
+    if tunables is not None:
+        os.environ["GLIBC_TUNABLES"] = tunables
     out = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), threads=threads,
-                            processor=platform.processor()),
+                            processor=platform.processor(), glibc_tunables=os.environ.get("GLIBC_TUNABLES", "")),
                rounds=rounds, max_other_cpu_share=MAX_OTHER_CPU_SHARE, configs={})
     with tempfile.TemporaryDirectory() as tmp:
         for name in configs:

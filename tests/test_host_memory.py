@@ -59,3 +59,85 @@ def test_bad_setting_names_the_variable(monkeypatch):
     monkeypatch.setenv(host_memory.ENV, "yes")
     with pytest.raises(ValueError, match=f"{host_memory.ENV}='yes'.*use 1 .* or 0"):
         host_memory.keep_freed_memory()
+
+
+# -- huge pages: glibc.malloc.hugetlb=1, the tunable the `python -m deepseek_jax...` mains restart with --
+
+GLIBC = ("glibc", "2.36")
+
+
+def test_huge_pages_tunables_only_where_they_change_something():
+    hp = host_memory.HUGE_PAGES_TUNABLE
+    assert host_memory.huge_pages_tunables({}, GLIBC, "madvise") == hp
+    # Appended to tunables already set, which are kept.
+    assert host_memory.huge_pages_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, GLIBC, "madvise") == (
+        f"glibc.malloc.arena_max=2:{hp}")
+    assert host_memory.huge_pages_tunables({"GLIBC_TUNABLES": hp}, GLIBC, "madvise") is None  # already on
+    assert host_memory.huge_pages_tunables({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, "madvise") is None
+    assert host_memory.huge_pages_tunables({host_memory.HUGE_PAGES_ENV: "0"}, GLIBC, "madvise") is None  # opted out
+    assert host_memory.huge_pages_tunables({}, ("glibc", "2.34"), "madvise") is None  # no such tunable yet
+    assert host_memory.huge_pages_tunables({}, ("", ""), "madvise") is None  # musl, macOS
+    for mode in ("always", "never"):  # the kernel uses them anyway / cannot
+        assert host_memory.huge_pages_tunables({}, GLIBC, mode) is None
+
+
+def test_bad_huge_pages_setting_names_the_variable():
+    with pytest.raises(ValueError, match=f"{host_memory.HUGE_PAGES_ENV}='on'.*use 1 .* or 0"):
+        host_memory.huge_pages_tunables({host_memory.HUGE_PAGES_ENV: "on"}, GLIBC, "madvise")
+
+
+def test_only_deepseek_jax_mains_restart(monkeypatch):
+    assert host_memory.is_deepseek_jax_main(["python", "-m", "deepseek_jax.train", "--config=c.py"])
+    assert host_memory.is_deepseek_jax_main(["python", "-u", "-m", "deepseek_jax"])
+    assert host_memory.is_deepseek_jax_main(["python", "-X", "dev", "-mdeepseek_jax.train"])
+    assert not host_memory.is_deepseek_jax_main(["python", "-m", "pytest", "-m", "deepseek_jax"])
+    assert not host_memory.is_deepseek_jax_main(["python", "-m", "deepseek_jaxx.train"])
+    assert not host_memory.is_deepseek_jax_main(["python", "train.py", "-m", "deepseek_jax.train"])
+    assert not host_memory.is_deepseek_jax_main(["python", "-c", "import deepseek_jax"])
+    calls = []
+    monkeypatch.setattr(host_memory.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(host_memory, "huge_pages_tunables", lambda environ: "glibc.malloc.hugetlb=1")
+    monkeypatch.setattr(host_memory.sys, "orig_argv", ["python", "-m", "pytest"])
+    host_memory.restart_with_huge_pages()
+    assert calls == []
+    argv = ["python", "-m", "deepseek_jax.train", "--workdir=w"]
+    monkeypatch.setattr(host_memory.sys, "orig_argv", argv)
+    host_memory.restart_with_huge_pages()
+    (executable, restarted_argv, env), = calls
+    assert (executable, restarted_argv, env["GLIBC_TUNABLES"]) == (sys.executable, argv, "glibc.malloc.hugetlb=1")
+
+
+# In a fresh interpreter: a worker thread mallocs and writes 64 MiB (as XLA's executor threads do, through
+# glibc), and reports how much of it the kernel backs with huge pages (/proc/self/smaps_rollup).
+_HUGE_PROBE = """
+import ctypes, threading
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+def huge():
+    return int(next(l for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages:")).split()[1]) * 1024
+result = {}
+def work():
+    before = huge()
+    block = libc.malloc(2**26)
+    ctypes.memset(block, 1, 2**26)
+    result["huge"] = huge() - before
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(result["huge"])
+"""
+
+
+@pytest.mark.skipif(host_memory.huge_pages_tunables({}) is None,
+                    reason="needs glibc >= 2.35 and transparent huge pages in 'madvise' mode")
+def test_tunable_backs_a_threads_block_with_huge_pages():
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+
+    def huge_bytes(tunables: str | None) -> int:
+        probe_env = env if tunables is None else {**env, "GLIBC_TUNABLES": tunables}
+        done = subprocess.run([sys.executable, "-c", _HUGE_PROBE], env=probe_env, capture_output=True, text=True,
+                              check=True)
+        return int(done.stdout)
+
+    assert huge_bytes(None) == 0  # glibc's defaults: 4 KiB pages
+    assert huge_bytes(host_memory.HUGE_PAGES_TUNABLE) >= 2**25  # most of the 64 MiB in 2 MiB pages

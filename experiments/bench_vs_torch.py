@@ -15,7 +15,8 @@ the same CPUs), and measures, after a warm-up (jit compile / torch's first call)
 without the MTP module on either side (transformers' forward has none), and deepseek_jax's train step
 with MTP as a separate row. deepseek_jax runs its default MoE dispatch ('ragged': sort by expert and
 grouped GEMMs, blocked on CPU). Both sides run under the glibc tunables deepseek_jax's mains run with
-(deepseek_jax/host_memory.py: huge pages for malloc; PyTorch's step measured alike with and without them).
+(deepseek_jax/host_memory.py: huge pages for malloc; an ad-hoc check found PyTorch's train step no faster
+and no slower with them, docs/DESIGN.md "CPU speed").
 Honesty measures: while a side runs, the CPU time used by every other
 process is read from /proc (the machine's busy jiffies minus the side's own) and a run where it exceeds
 10% of the CPUs is marked invalid; the sides alternate over --rounds rounds (fresh processes each

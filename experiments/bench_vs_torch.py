@@ -288,16 +288,21 @@ def run_side(side: str, name: str, path: pathlib.Path, threads: int, profile: bo
 # -- the two modes -------------------------------------------------------------------------------------
 
 
-def benchmark(configs: list[str], rounds: int, threads: int) -> dict:
+def use_mains_allocator_settings() -> str:
+    """Sets this process's environment, which the sides inherit, to the glibc tunables deepseek_jax's mains
+    run with (host_memory.py: huge pages). Returns GLIBC_TUNABLES."""
     sys.path.insert(0, str(ROOT))
     from deepseek_jax import host_memory
 
-    # Both sides under the allocator settings deepseek_jax's mains run with (host_memory.py: huge pages).
     tunables = host_memory.huge_pages_tunables(os.environ)
     if tunables is not None:
         os.environ["GLIBC_TUNABLES"] = tunables
+    return os.environ.get("GLIBC_TUNABLES", "")
+
+
+def benchmark(configs: list[str], rounds: int, threads: int) -> dict:
     out = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), threads=threads,
-                            processor=platform.processor(), glibc_tunables=os.environ.get("GLIBC_TUNABLES", "")),
+                            processor=platform.processor(), glibc_tunables=use_mains_allocator_settings()),
                rounds=rounds, max_other_cpu_share=MAX_OTHER_CPU_SHARE, configs={})
     with tempfile.TemporaryDirectory() as tmp:
         for name in configs:
@@ -371,7 +376,8 @@ def markdown(out: dict) -> str:
 
 
 def profile_all(configs: list[str], threads: int) -> dict:
-    out = {"machine": dict(platform=platform.platform(), cpus=os.cpu_count(), threads=threads), "configs": {}}
+    out = {"machine": dict(platform=platform.platform(), cpus=os.cpu_count(), threads=threads,
+                           glibc_tunables=use_mains_allocator_settings()), "configs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in configs:
             path = pathlib.Path(tmp) / name

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.model.config import ModelConfig
-from deepseek_jax.model.experts import RoutedExperts, block_rows, ragged_dispatch
+from deepseek_jax.model.experts import RoutedExperts, block_rows, num_blocks, ragged_dispatch
 from deepseek_jax.ops import fp8
 from deepseek_jax.ops.fp8 import Fp8Recipe, PerTensorFp8Recipe
 from deepseek_jax.ops.fp8_grouped import fp8_ragged_dot, fp8_routed_ragged_dots
@@ -232,7 +232,7 @@ def test_train_step_lowers_expert_gemms_to_fp8(tmp_path):
     assert {s: sigs.count(s) for s in expected} == expected
     # The expert weights, [E, D, F] / [E, F, D] or gathered per block of rows [blocks, D, F] (the CPU form
     # of the grouped GEMMs, model/experts.py), meet no high-precision dot (they do without FP8).
-    blocks = -(-64 // block_rows(64, 4)) + 4
+    blocks = num_blocks(64, 4, block_rows(64, 4))
     weight_operand = re.compile(rf"tensor<(4|{blocks})x(32x16|16x32)xf32>.* ->")
     assert not [s for s in sigs if weight_operand.search(s)]
     assert [s for s in _dot_signatures(lower(None)) if weight_operand.search(s)]

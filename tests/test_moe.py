@@ -127,10 +127,11 @@ def swiglu_reference(x_MD, sizes_E, w):
 
 
 # Group sizes: uneven with empty experts, one expert taking every row, every row in one block's tail,
-# rows past the groups (expert parallelism's empty receive slots), a single row.
+# every expert one row into a block with all M rows grouped (the most blocks any sizes need: exactly
+# num_blocks), rows past the groups (expert parallelism's empty receive slots), a single row.
 @pytest.mark.parametrize("sizes", [(37, 0, 90, 1, 0, 3, 50, 19), (200, 0, 0, 0, 0, 0, 0, 0),
-                                   (17, 17, 17, 17, 17, 17, 17, 17), (5, 0, 60, 0, 0, 9, 0, 0),
-                                   (0, 0, 1, 0, 0, 0, 0, 0)])
+                                   (17, 17, 17, 17, 17, 17, 17, 17), (17, 17, 17, 17, 17, 17, 17, 81),
+                                   (5, 0, 60, 0, 0, 9, 0, 0), (0, 0, 1, 0, 0, 0, 0, 0)])
 def test_blocked_grouped_gemms_match_a_loop_and_ragged_dot(sizes):
     """The CPU form of the grouped GEMMs (experts' rows padded into blocks, model/experts.py): values
     against a float64 loop over experts, values and gradients against lax.ragged_dot."""

@@ -9,7 +9,7 @@ Every strategy computes y_n = sum_k w_{n,k} * SwiGLU_{e_{n,k}}(x_n) exactly (no 
   scatter back. O(N*K) work. The grouped GEMM is `jax.lax.ragged_dot` where it lowers to grouped-GEMM
   kernels (GPU, TPU); XLA:CPU lowers ragged_dot to a product of every row with every expert, masked
   (E times the work), so on CPU each expert's rows are padded to whole blocks of b rows and the blocks
-  run as one batched GEMM against their expert's weights (`blocked_swiglu`: at most E*b extra rows).
+  run as one batched GEMM against their expert's weights (`blocked_swiglu`: at most E*(b-1) extra rows).
 - `gather`: each token gathers its K experts' weights and multiplies them directly. O(N*K) work and
   weight reads: the decoding strategy (infer/ uses it when N*K <= E).
 - `ep`: expert parallelism, the experts split over devices and the tokens moved to them. It needs a mesh
@@ -92,15 +92,22 @@ def block_rows(num_rows: int, num_experts: int) -> int:
     return min(max(1 << (share.bit_length() - 1), 16), 256)
 
 
+def num_blocks(num_rows: int, num_experts: int, b: int) -> int:
+    """How many blocks of b rows `blocked_swiglu` allots: every expert's rows padded to whole blocks fit in
+    sum_e ceil(s_e / b) <= sum_e (s_e + b - 1) / b <= (M + E (b - 1)) / b, an integer, so its floor (one
+    block fewer than ceil(M/b) + E whenever E < b)."""
+    return (num_rows + num_experts * (b - 1)) // b
+
+
 def blocked_swiglu(x_MD: jnp.ndarray, sizes_E: jnp.ndarray, w: ExpertWeights) -> jnp.ndarray:
     """SwiGLU of the E experts on rows x [M, D] sorted by expert, sizes_E rows each (rows past the groups
     give zeros), as batched GEMMs over blocks: each expert's rows padded to a multiple of b rows, every
-    block multiplied by its expert's weights (gathered per block). NB = ceil(M/b) + E blocks bound any
+    block multiplied by its expert's weights (gathered per block). NB = `num_blocks` blocks bound any
     sizes. Returns [M, D]."""
     gate, up, down = w
     (M, D), E = x_MD.shape, sizes_E.shape[0]
     b = block_rows(M, E)
-    NB = -(-M // b) + E
+    NB = num_blocks(M, E, b)
     padded_E = (sizes_E + b - 1) // b * b
     padded_end_E = jnp.cumsum(padded_E)
     padded_start_E, start_E = padded_end_E - padded_E, jnp.cumsum(sizes_E) - sizes_E

@@ -82,7 +82,7 @@ def huge_pages_tunables(environ, libc: tuple[str, str] | None = None, mode: str 
                    "leave glibc's tunables alone"):
         return None
     current = environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb=" in current:
+    if HUGE_PAGES_TUNABLE.partition("=")[0] + "=" in current:  # set either way by whoever started us
         return None
     name, version = libc if libc is not None else platform.libc_ver()
     if name != "glibc" or tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (2, 35):

@@ -1,4 +1,5 @@
-"""deepseek_jax.host_memory (opt-in): a block a worker thread frees stays in the process and is reused."""
+"""deepseek_jax.host_memory: huge pages for the mains (the tunable, when it applies, what it does to a thread's
+block, the restart) and the opt-in reuse of a block a worker thread frees."""
 
 import os
 import subprocess

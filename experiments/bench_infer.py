@@ -7,11 +7,14 @@
    against caches of multi-head attention with the same heads and of GQA with 8 KV heads, built the
    same way; and the arithmetic behind DeepSeek-V2's "93.3% smaller KV cache".
 2. Decode tokens/s of configs/small.py at context lengths 256..8192, batch 1: the jitted decode loop
-   (absorbed MLA vs naive up-projection) timed over a few tokens from a cache filled to that length; and
+   (absorbed MLA vs naive up-projection; and absorbed with W_UK / W_UV split from kv_b_proj's kernel on
+   every step instead of once before the loop, `infer.cached.with_absorbed_weights`) timed over a few
+   tokens from a cache filled to that length; and
    transformers' greedy decode loop with its cache (as `generate` runs it) on the same weights (exported with
    `convert.save_checkpoint`) at 256, 1024 and 4096, timed from the filled cache as ours is.
 3. MTP self-speculative decoding with the trained tiny model (`make train` -> runs/tiny): acceptance rate
-   of the drafted token and end-to-end tokens/s against plain greedy decoding, on held-out prompts.
+   of the drafted token and end-to-end tokens/s against plain greedy decoding, on held-out prompts; and
+   what bounds it here, the cost of a step's passes against a plain step's (`pass_costs`).
 4. DeepSeek Sparse Attention (V3.2): configs/small.py with a lightning indexer (4 heads of 64) attending to
    its top 256 keys, decode tokens/s at 1k-16k tokens of context against the same model's dense absorbed MLA
    (the weights without the indexer), the cache bytes per token (latent + rope key + indexer key), and the
@@ -36,11 +39,12 @@ import numpy as np
 
 from deepseek_jax import convert, defaults, infer, model
 from deepseek_jax.data import pipeline, tokenizers
-from deepseek_jax.infer import generation
+from deepseek_jax.infer import cached, generation
 from deepseek_jax.infer.sampling import Sampling
 from deepseek_jax.infer.steps import DecodeState, Settings
 from deepseek_jax.model import ModelConfig
 from deepseek_jax.model import init as model_init
+from deepseek_jax.model.mla import ABSORBED
 from deepseek_jax.train.validation import validate_run_config
 from deepseek_jax.train.weights import load_weights
 
@@ -184,8 +188,15 @@ def decode_speed(contexts: list[int], steps: int) -> dict:
         for attention in ("absorbed", "naive"):
             row[f"{attention}_tokens_per_second"] = decode_tokens_per_second(cfg, variables, context, steps, attention)
         row["absorbed_speedup"] = row["absorbed_tokens_per_second"] / row["naive_tokens_per_second"]
+        # An empty collection is kept as it is: the loop then splits the kernels on every step (as before).
+        row["absorbed_split_each_step_tokens_per_second"] = decode_tokens_per_second(
+            cfg, {**variables, ABSORBED: {}}, context, steps)
+        row["split_once_speedup"] = (row["absorbed_tokens_per_second"]
+                                     / row["absorbed_split_each_step_tokens_per_second"])
         print(f"context {context:5d}: absorbed {row['absorbed_tokens_per_second']:7.1f} tok/s, naive "
-              f"{row['naive_tokens_per_second']:7.1f} tok/s ({row['absorbed_speedup']:.2f}x)", flush=True)
+              f"{row['naive_tokens_per_second']:7.1f} tok/s ({row['absorbed_speedup']:.2f}x); W_UK/W_UV split "
+              f"every step {row['absorbed_split_each_step_tokens_per_second']:7.1f} tok/s (split once: "
+              f"{row['split_once_speedup']:.2f}x)", flush=True)
         rows.append(row)
     # After ours: torch's OpenMP threads keep spinning for a while after its last op, taking the CPU.
     reference = transformers_decode_speed(cfg, variables, [c for c in contexts if c in TRANSFORMERS_CONTEXTS],
@@ -266,6 +277,48 @@ def timed_pair(first, second, repeats: int = 7):
     return results, best
 
 
+def pass_costs(cfg: ModelConfig, variables: dict, prompt_1T: np.ndarray, passes: int = 64, repeats: int = 7) -> dict:
+    """Seconds per pass of what one speculative step runs, batch 1, from the cache after the prompt, each
+    pass in a jitted loop of `passes` (best of `repeats`, the loops alternating): the main model over 1 token
+    (a plain step's pass) and over J = D + 1 (the verify pass), and each MTP depth over J (the draft passes).
+    A step emits at most J tokens, so J x main(1) / (main(J) + the MTP passes) bounds the speed-up over plain
+    decoding on this machine (all drafts accepted, the verify's own bookkeeping free)."""
+    s, *arrays = generation.prepare(cfg, prompt_1T, max_new_tokens=passes, speculative=True)
+    cache = generation.start_jit(cfg, s, variables, *arrays).cache
+    looped = generation.loop_variables_jit(cfg, s, variables)
+    D = cfg.num_nextn_predict_layers
+    J = D + 1
+
+    def loop(one_pass, width: int):
+        """`passes` passes, each fed the previous one's cache, argmax tokens and hidden state (so that no
+        pass is hoisted out of the loop, and no part of one is left unused)."""
+        def run(v, c):
+            def body(_, carry):
+                cache, tokens, h = carry
+                logits, h, cache = one_pass(v, cache, tokens, h)
+                return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32), h
+
+            first = (c, jnp.zeros((1, width), jnp.int32), jnp.zeros((1, width, cfg.hidden_size), jnp.float32))
+            return jax.lax.fori_loop(0, passes, body, first)
+        return jax.jit(run)
+
+    programs = {"main_1": loop(lambda v, c, t, h: cached.extend(cfg, v, c, t), 1),
+                f"main_{J}": loop(lambda v, c, t, h: cached.extend(cfg, v, c, t), J)}
+    for k in range(D):
+        programs[f"mtp{k}_{J}"] = loop(lambda v, c, t, h, k=k: cached.extend_mtp(cfg, v, c, k, h, t), J)
+    for program in programs.values():
+        jax.block_until_ready(program(looped, cache))  # Compile.
+    best = dict.fromkeys(programs, float("inf"))
+    for _ in range(repeats):
+        for name, program in programs.items():
+            started = time.perf_counter()
+            jax.block_until_ready(program(looped, cache))
+            best[name] = min(best[name], (time.perf_counter() - started) / passes)
+    step = sum(t for name, t in best.items() if name != "main_1")
+    return {"seconds_per_pass": best, "step_over_plain_pass": step / best["main_1"],
+            "speedup_bound": J * best["main_1"] / step}
+
+
 def speculative_decoding(workdir: str, prompts: int, prompt_length: int, new_tokens: int) -> dict:
     config = defaults.load_config(str(ROOT / "configs" / "tiny.py"))
     weights = load_weights(workdir, validate_run_config(config), optimizer_cfg=config.train)
@@ -296,6 +349,17 @@ def speculative_decoding(workdir: str, prompts: int, prompt_length: int, new_tok
               f"{run['plain_tokens_per_second']:.1f} -> {run['speculative_tokens_per_second']:.1f} tok/s "
               f"({run['speedup']:.2f}x)", flush=True)
         out["runs"].append(run)
+    # What bounds the speed-up: the tiny model's passes, and configs/small.py's (random weights: only the
+    # costs matter there) at 256 tokens of context, to see whether a larger model changes the picture.
+    small = load_model_config("small")
+    context = np.random.default_rng(0).integers(0, small.vocab_size, (1, 256)).astype(np.int32)
+    for key, costs in (("pass_costs", pass_costs(cfg, variables, prompt[:1])),
+                       ("pass_costs_small", pass_costs(small, model_init(small, jax.random.key(0)), context,
+                                                       passes=16, repeats=5))):
+        out[key] = costs
+        print(f"speculative, {key}: " + ", ".join(f"{k} {1e6 * v:.0f} us" for k, v in
+              costs["seconds_per_pass"].items()) + f"; a step costs {costs['step_over_plain_pass']:.2f} plain "
+              f"passes: at most {costs['speedup_bound']:.2f}x", flush=True)
     alone = [r for r in out["runs"] if r["batch"] == 1]
     out["batch_1_all_prompts_speedup"] = (sum(r["plain_seconds"] for r in alone)
                                           / sum(r["speculative_seconds"] for r in alone))

@@ -122,6 +122,37 @@ def test_cached_decoding_matches_full_forward_and_absorbed_matches_naive(dense_o
                                    rtol=1e-5)
 
 
+def test_absorbed_weights_are_split_once_and_read_from_their_collection(tiny):
+    """`with_absorbed_weights` holds each attention's kv_b_proj kernel [.., C, H*(K+V)] as W_UK[.., h, k, c] =
+    kernel[.., c, h(K+V) + k] and W_UV[.., h, c, v] = kernel[.., c, h(K+V) + K + v]; a pass given them reads
+    them (zeroing W_UV changes its logits) and returns what splitting the kernels itself returns."""
+    cfg, variables = tiny
+    split = cached.with_absorbed_weights(cfg, variables)
+    assert cached.with_absorbed_weights(cfg, split) is split
+    H, K, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    kernels = [(tuple(key.key for key in path[:-2]), np.asarray(leaf))
+               for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+               if [key.key for key in path[-2:]] == ["kv_b_proj", "kernel"]]
+    assert len(kernels) == 2 + DEPTH  # The dense stack, the MoE stack, each MTP block.
+    for prefix, kernel in kernels:
+        entry = functools.reduce(lambda tree, name: tree[name], prefix, split["absorbed"])
+        *lead, C, _ = kernel.shape
+        per_head = kernel.reshape(*lead, C, H, K + V)
+        np.testing.assert_array_equal(entry["w_uk"], np.einsum("...chk->...hkc", per_head[..., :K]))
+        np.testing.assert_array_equal(entry["w_uv"], np.einsum("...chv->...hcv", per_head[..., K:]))
+    B, T = 2, 5
+    tokens = jax.random.randint(jax.random.key(4), (B, T), 0, cfg.vocab_size)
+    ahead = jnp.stack([shift_left(tokens, k + 1) for k in range(DEPTH)])
+    cache = infer.init_cache(cfg, B, 8, mtp=True)
+    logits = [np.asarray(_chunk(cfg, v, cache, tokens, ahead, attention="absorbed")[0]) for v in (variables, split)]
+    np.testing.assert_allclose(logits[1], logits[0], atol=1e-6, rtol=1e-6)
+    no_values = {**split, "absorbed": jax.tree.map(lambda w: w, split["absorbed"])}  # New dicts, same arrays.
+    no_values["absorbed"]["moe_layers"]["self_attn"]["w_uv"] = jnp.zeros_like(
+        split["absorbed"]["moe_layers"]["self_attn"]["w_uv"])
+    changed = np.asarray(_chunk(cfg, no_values, cache, tokens, ahead, attention="absorbed")[0])
+    assert np.max(np.abs(changed - logits[0])) > 1e-3
+
+
 def test_gather_dispatch_equals_dense():
     """The decoding MoE dispatch (each token gathers its experts' weights) == every expert on every token."""
     N, D, F, E, K = 5, 16, 8, 6, 2

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.checks import is_int
-from deepseek_jax.infer import speculative, steps
+from deepseek_jax.infer import cached, speculative, steps
 from deepseek_jax.infer.sampling import Sampling
 from deepseek_jax.infer.steps import DecodeState, Settings
 from deepseek_jax.model.config import ModelConfig
@@ -66,8 +66,14 @@ def step(cfg: ModelConfig, s: Settings, variables: dict, state: DecodeState) -> 
     return fn(cfg, variables, state, s)
 
 
+def loop_variables(cfg: ModelConfig, s: Settings, variables: dict) -> dict:
+    """What the decode steps read: the variables, with the absorbed weights split once for all steps."""
+    return cached.with_absorbed_weights(cfg, variables) if s.attention == "absorbed" else variables
+
+
 def finish(cfg: ModelConfig, s: Settings, variables: dict, state: DecodeState) -> DecodeState:
     """Decode steps until every row is done (a lax.while_loop)."""
+    variables = loop_variables(cfg, s, variables)
     return jax.lax.while_loop(lambda st: ~jnp.all(st.done), functools.partial(step, cfg, s, variables), state)
 
 
@@ -76,6 +82,7 @@ def finish(cfg: ModelConfig, s: Settings, variables: dict, state: DecodeState) -
 start_jit = jax.jit(start, static_argnums=(0, 1))
 step_jit = jax.jit(step, static_argnums=(0, 1), donate_argnums=(3,))  # The cache is updated in place.
 finish_jit = jax.jit(finish, static_argnums=(0, 1), donate_argnums=(3,))
+loop_variables_jit = jax.jit(loop_variables, static_argnums=(0, 1))  # For `stream`'s step by step loop.
 
 
 def run(cfg: ModelConfig, s: Settings, variables: dict, prompt_BT: jnp.ndarray, lengths_B: jnp.ndarray,
@@ -223,6 +230,7 @@ class TokenStream:
     def __iter__(self) -> Iterator[list[np.ndarray]]:
         cfg, s = self._cfg, self._settings
         state = start_jit(cfg, s, self._params, *self._arrays)
+        variables = loop_variables_jit(cfg, s, self._params)
         lengths = np.asarray(state.prompt_lengths)
         emitted = np.zeros_like(lengths)
         while True:
@@ -231,7 +239,7 @@ class TokenStream:
             emitted = counts
             if done.all():
                 break
-            state = step_jit(cfg, s, self._params, state)
+            state = step_jit(cfg, s, variables, state)
         self.result = _result(state)
 
 

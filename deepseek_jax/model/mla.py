@@ -41,6 +41,10 @@ IndexerOutputs = tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]  # Indexer's (q [B
 # transformers do (only the layer norms read the config).
 LATENT_NORM_EPS = 1e-6
 CACHED_ATTENTION = ("absorbed", "naive")  # How new tokens attend over a cache.
+# Variable collection of kv_b_proj split per head in the layouts the absorbed products read ({'w_uk',
+# 'w_uv'} beside each attention's params; infer/cached.py's `with_absorbed_weights` builds it once per
+# generation). Without it each absorbed pass splits and transposes the kernel itself.
+ABSORBED = "absorbed"
 # Queries per block of causal self-attention: blocks of keys after a block's last query are skipped
 # (128 and 64 measured alike on the tiny and small configs on CPU; one block up to T = 128).
 QUERY_CHUNK = 128
@@ -93,6 +97,15 @@ def query_blocks(segment_ids_BT: jnp.ndarray) -> list[tuple[int, int, jnp.ndarra
     return [(start, end, attention_mask(segment_ids_BT[:, start:end], segment_ids_BT[:, :end],
                                         jnp.arange(start, end)[None, :], jnp.arange(end)[None, :]))
             for start, end in ((s, min(s + QUERY_CHUNK, T)) for s in range(0, T, QUERY_CHUNK))]
+
+
+def split_kv_b(kernel_CX: jnp.ndarray, heads: int, nope_dim: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """kv_b_proj's kernel [..., C, H*(K+V)] (leading stack axes kept) split per head into W_UK [..., H, K, C]
+    and W_UV [..., H, C, V]: per head, the [in, out] matrices of q_nope -> latent query and attended latent
+    -> value, so the absorbed products (batched over heads) read them without a transpose."""
+    *lead, C, X = kernel_CX.shape
+    w_CHX = kernel_CX.reshape(*lead, C, heads, X // heads)
+    return jnp.moveaxis(w_CHX[..., :nope_dim], -3, -1), jnp.swapaxes(w_CHX[..., nope_dim:], -3, -2)
 
 
 def attend_gathered(q_latent_BTHC: jnp.ndarray, q_rope_BTHR: jnp.ndarray, c_kv_BSC: jnp.ndarray,
@@ -274,23 +287,25 @@ class MLA(nn.Module):
 
     def absorbed_queries(self, q_nope: jnp.ndarray) -> jnp.ndarray:
         """q_nope W_UK^T: each head's query in the latent space, [B,T,H,C] (scores are then q . c_KV)."""
-        w_uk_CHK, _ = self.absorbed_weights(q_nope.dtype)
-        return jnp.einsum("BTHK,CHK->BTHC", q_nope, w_uk_CHK)
+        w_uk_HKC, _ = self.absorbed_weights(q_nope.dtype)
+        return jnp.einsum("BTHK,HKC->BTHC", q_nope, w_uk_HKC)
 
     def absorbed_output(self, out_BTHC: jnp.ndarray) -> jnp.ndarray:
         """The attended latents [B,T,H,C] through W_UV per head and o_proj: [B,T,D]."""
-        _, w_uv_CHV = self.absorbed_weights(out_BTHC.dtype)
-        return self.project_out(jnp.einsum("BTHC,CHV->BTHV", out_BTHC, w_uv_CHV))
+        _, w_uv_HCV = self.absorbed_weights(out_BTHC.dtype)
+        return self.project_out(jnp.einsum("BTHC,HCV->BTHV", out_BTHC, w_uv_HCV))
 
     def absorbed_weights(self, dtype: jnp.dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """kv_b_proj split per head into W_UK [C,H,K] and W_UV [C,H,V], in `dtype`."""
+        """W_UK [H,K,C] and W_UV [H,C,V] (`split_kv_b`) in `dtype`: from the ABSORBED collection when the
+        caller built it, else split from kv_b_proj's kernel here."""
         cfg = self.cfg
-        H, K = cfg.num_attention_heads, cfg.qk_nope_head_dim
+        if self.has_variable(ABSORBED, "w_uk"):
+            return (self.get_variable(ABSORBED, "w_uk").astype(dtype),
+                    self.get_variable(ABSORBED, "w_uv").astype(dtype))
         if self.is_initializing():  # Sparse attention reads the kernel without calling the layer: create it.
             self.kv_b_proj(jnp.zeros((1, cfg.kv_lora_rank), dtype))
-        w_CHX = nn.meta.unbox(self.kv_b_proj.variables["params"]["kernel"]).astype(dtype).reshape(
-            cfg.kv_lora_rank, H, K + cfg.v_head_dim)
-        return w_CHX[..., :K], w_CHX[..., K:]
+        kernel = nn.meta.unbox(self.kv_b_proj.variables["params"]["kernel"]).astype(dtype)
+        return split_kv_b(kernel, cfg.num_attention_heads, cfg.qk_nope_head_dim)
 
     def attend_selected(self, q_nope: jnp.ndarray, q_rope: jnp.ndarray, c_kv_BSC: jnp.ndarray,
                         k_rope_BSR: jnp.ndarray, keys_BTJ: jnp.ndarray, valid_BTJ: jnp.ndarray) -> jnp.ndarray:

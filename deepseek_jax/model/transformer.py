@@ -34,7 +34,7 @@ from deepseek_jax.model.cache import KVCache
 from deepseek_jax.model.config import ModelConfig
 from deepseek_jax.model.experts import Dispatch
 from deepseek_jax.model.layers import Linear, RMSNorm, compute_dtype
-from deepseek_jax.model.mla import CACHED_ATTENTION
+from deepseek_jax.model.mla import ABSORBED, CACHED_ATTENTION
 from deepseek_jax.model.moe import ROUTING
 from deepseek_jax.model.mtp import MTPModule, shift_left
 from deepseek_jax.model.names import DENSE, LAYER_AXIS, MOE, MTP_CACHE, mtp_name, stack_lengths
@@ -63,7 +63,7 @@ def layer_stack(cfg: ModelConfig, name: str, length: int | None = None, *, recip
     length = stack_lengths(cfg)[name] if length is None else length
     scanned = nn.scan(
         recomputed_block(cfg),
-        variable_axes={"params": 0, ROUTING: 0},
+        variable_axes={"params": 0, ROUTING: 0, ABSORBED: 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),  # positions, segments, cache, lengths
         length=length,

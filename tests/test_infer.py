@@ -144,13 +144,15 @@ def test_absorbed_weights_are_split_once_and_read_from_their_collection(tiny):
     tokens = jax.random.randint(jax.random.key(4), (B, T), 0, cfg.vocab_size)
     ahead = jnp.stack([shift_left(tokens, k + 1) for k in range(DEPTH)])
     cache = infer.init_cache(cfg, B, 8, mtp=True)
-    logits = [np.asarray(_chunk(cfg, v, cache, tokens, ahead, attention="absorbed")[0]) for v in (variables, split)]
-    np.testing.assert_allclose(logits[1], logits[0], atol=1e-6, rtol=1e-6)
+    (logits, mtp, _), (split_logits, split_mtp, _) = (_chunk(cfg, v, cache, tokens, ahead, attention="absorbed")
+                                                      for v in (variables, split))
+    np.testing.assert_allclose(split_logits, logits, atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(split_mtp, mtp, atol=1e-6, rtol=1e-6)
     no_values = {**split, "absorbed": jax.tree.map(lambda w: w, split["absorbed"])}  # New dicts, same arrays.
     no_values["absorbed"]["moe_layers"]["self_attn"]["w_uv"] = jnp.zeros_like(
         split["absorbed"]["moe_layers"]["self_attn"]["w_uv"])
     changed = np.asarray(_chunk(cfg, no_values, cache, tokens, ahead, attention="absorbed")[0])
-    assert np.max(np.abs(changed - logits[0])) > 1e-3
+    assert np.max(np.abs(changed - np.asarray(logits))) > 1e-3
 
 
 def test_gather_dispatch_equals_dense():

@@ -13,9 +13,9 @@ fresh processes alternating, 3 rounds) tiny's train step runs 1.25x faster (faul
 `restart_with_huge_pages` (called by `import deepseek_jax` in a `python -m deepseek_jax...` main, before
 anything else is imported) restarts the process once, same arguments, with GLIBC_TUNABLES extended. It does
 so only where it changes something: Linux with glibc >= 2.35 and transparent huge pages in 'madvise' mode
-(with 'always' the kernel already uses them; with 'never' it cannot). Elsewhere (notebooks, pytest, your
-own scripts) start Python with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in the environment to get the same.
-DEEPSEEK_JAX_HUGE_PAGES=0 turns the restart off.
+(with 'always' the kernel already uses them; with 'never' it cannot). Elsewhere (notebooks, your own
+scripts) start Python with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in the environment to get the same; the
+test suite's conftest sets it for the processes pytest starts. DEEPSEEK_JAX_HUGE_PAGES=0 turns both off.
 
 **Keeping freed memory (opt-in).** `keep_freed_memory` makes every thread allocate from the main heap,
 never `mmap`, and keeps up to 2 GiB of freed memory there (glibc's `mallopt`); the next step reuses the

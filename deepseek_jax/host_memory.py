@@ -92,6 +92,15 @@ def huge_pages_tunables(environ, libc: tuple[str, str] | None = None, mode: str 
     return f"{current}:{HUGE_PAGES_TUNABLE}" if current else HUGE_PAGES_TUNABLE
 
 
+def huge_pages_for_new_processes(environ) -> str:
+    """Puts `huge_pages_tunables` into `environ` (os.environ: the processes started from then on inherit it)
+    where that changes something. Returns environ's GLIBC_TUNABLES."""
+    tunables = huge_pages_tunables(environ)
+    if tunables is not None:
+        environ["GLIBC_TUNABLES"] = tunables
+    return environ.get("GLIBC_TUNABLES", "")
+
+
 def is_deepseek_jax_main(argv: list[str]) -> bool:
     """Whether `argv` (the interpreter's own, `sys.orig_argv`) runs `python [options] -m deepseek_jax...`."""
     options = iter(argv[1:])

@@ -294,10 +294,7 @@ def use_mains_allocator_settings() -> str:
     sys.path.insert(0, str(ROOT))
     from deepseek_jax import host_memory
 
-    tunables = host_memory.huge_pages_tunables(os.environ)
-    if tunables is not None:
-        os.environ["GLIBC_TUNABLES"] = tunables
-    return os.environ.get("GLIBC_TUNABLES", "")
+    return host_memory.huge_pages_for_new_processes(os.environ)
 
 
 def benchmark(configs: list[str], rounds: int, threads: int) -> dict:

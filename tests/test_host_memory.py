@@ -87,6 +87,16 @@ def test_bad_huge_pages_setting_names_the_variable():
         host_memory.huge_pages_tunables({host_memory.HUGE_PAGES_ENV: "on"}, GLIBC, "madvise")
 
 
+def test_new_processes_get_huge_pages_only_where_they_change_something(monkeypatch):
+    opted_out = {host_memory.HUGE_PAGES_ENV: "0", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert host_memory.huge_pages_for_new_processes(opted_out) == "glibc.malloc.arena_max=2"
+    assert opted_out == {host_memory.HUGE_PAGES_ENV: "0", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    monkeypatch.setattr(host_memory, "huge_pages_tunables", lambda environ: "glibc.malloc.hugetlb=1")
+    environ = {}
+    assert host_memory.huge_pages_for_new_processes(environ) == "glibc.malloc.hugetlb=1"
+    assert environ == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
+
 def test_only_deepseek_jax_mains_restart(monkeypatch):
     assert host_memory.is_deepseek_jax_main(["python", "-m", "deepseek_jax.train", "--config=c.py"])
     assert host_memory.is_deepseek_jax_main(["python", "-u", "-m", "deepseek_jax"])

@@ -265,12 +265,13 @@ def held_out_prompts(config, count: int, length: int) -> np.ndarray:
     return np.stack([tokenizer.encode(d)[:length] for d in docs[:count]]).astype(np.int32)
 
 
-def timed_pair(first, second, repeats: int = 7):
-    """Best-of-`repeats` seconds of two functions, run alternately (so both see the same machine load)."""
-    results = [first(), second()]  # Compile.
-    best = [float("inf"), float("inf")]
+def timed_alternately(*functions, repeats: int = 7) -> tuple[list, list[float]]:
+    """Best-of-`repeats` seconds of each function, run in turn (so all see the same machine load), after
+    one call each (compiling). Returns (each one's last result, its best seconds)."""
+    results = [fn() for fn in functions]  # Compile.
+    best = [float("inf")] * len(functions)
     for _ in range(repeats):
-        for i, fn in enumerate((first, second)):
+        for i, fn in enumerate(functions):
             started = time.perf_counter()
             results[i] = fn()
             best[i] = min(best[i], time.perf_counter() - started)
@@ -279,7 +280,7 @@ def timed_pair(first, second, repeats: int = 7):
 
 def pass_costs(cfg: ModelConfig, variables: dict, prompt_1T: np.ndarray, passes: int = 64, repeats: int = 7) -> dict:
     """Seconds per pass of what one speculative step runs, batch 1, from the cache after the prompt, each
-    pass in a jitted loop of `passes` (best of `repeats`, the loops alternating): the main model over 1 token
+    pass in a jitted loop of `passes` (`timed_alternately`: best of `repeats`): the main model over 1 token
     (a plain step's pass) and over J = D + 1 (the verify pass), and each MTP depth over J (the draft passes).
     A step emits at most J tokens, so J x main(1) / (main(J) + the MTP passes) bounds the speed-up over plain
     decoding on this machine (all drafts accepted, the verify's own bookkeeping free)."""
@@ -306,14 +307,9 @@ def pass_costs(cfg: ModelConfig, variables: dict, prompt_1T: np.ndarray, passes:
                 f"main_{J}": loop(lambda v, c, t, h: cached.extend(cfg, v, c, t), J)}
     for k in range(D):
         programs[f"mtp{k}_{J}"] = loop(lambda v, c, t, h, k=k: cached.extend_mtp(cfg, v, c, k, h, t), J)
-    for program in programs.values():
-        jax.block_until_ready(program(looped, cache))  # Compile.
-    best = dict.fromkeys(programs, float("inf"))
-    for _ in range(repeats):
-        for name, program in programs.items():
-            started = time.perf_counter()
-            jax.block_until_ready(program(looped, cache))
-            best[name] = min(best[name], (time.perf_counter() - started) / passes)
+    _, seconds = timed_alternately(*(lambda p=p: jax.block_until_ready(p(looped, cache)) for p in programs.values()),
+                                   repeats=repeats)
+    best = {name: t / passes for name, t in zip(programs, seconds)}
     step = sum(t for name, t in best.items() if name != "main_1")
     return {"seconds_per_pass": best, "step_over_plain_pass": step / best["main_1"],
             "speedup_bound": J * best["main_1"] / step}
@@ -332,7 +328,7 @@ def speculative_decoding(workdir: str, prompts: int, prompt_length: int, new_tok
     # Each prompt alone (batch 1: one weak prompt does not speak for all), then all of them as one batch.
     for first, batch in [(b, 1) for b in range(prompts)] + [(0, prompts)]:
         rows = prompt[first:first + batch]
-        (plain, spec), (t_plain, t_spec) = timed_pair(
+        (plain, spec), (t_plain, t_spec) = timed_alternately(
             lambda: infer.decode(cfg, variables, rows, max_new_tokens=new_tokens),
             lambda: infer.decode(cfg, variables, rows, max_new_tokens=new_tokens, speculative=True))
         assert np.array_equal(plain.tokens, spec.tokens), "speculative greedy output differs from plain greedy"

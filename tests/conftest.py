@@ -19,8 +19,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # glibc's huge pages for malloc, as the `python -m deepseek_jax...` mains run (deepseek_jax/host_memory.py).
 # glibc reads them when a process starts, so they reach the processes started from here on: pytest-xdist's
-# workers, which run the tests, and the tests' own subprocesses (the suite ran 6% faster: 436 s against
-# 463-468 s in three runs without).
+# workers, which run the tests, and the tests' own subprocesses (timed by hand: 436 s in one run with it,
+# 463-468 s in three without).
 from deepseek_jax.host_memory import huge_pages_for_new_processes  # noqa: E402  (imports neither jax nor numpy)
 
 huge_pages_for_new_processes(os.environ)
